@@ -1,0 +1,102 @@
+"""One checkpoint of everything that is state (model, optimizer and its step, bank, Z, parametric classifier).
+
+Built by `make_checkpoint`, restored by `restore_or_initialize`: one path, no partial restores on resume. Before a
+resume, `check_resume` compares the run in the model dir with the one being started and refuses to mix them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import tensorflow as tf
+
+CHECKPOINT_SUBDIR = "checkpoints"
+RUN_FILE = "run.json"  # What a checkpoint in this dir must match: dataset, size, arch, embedding_dim, objective.
+BANK_KEY = "bank/bank/.ATTRIBUTES/VARIABLE_VALUE"
+
+
+def make_checkpoint(*, model, optimizer, bank, classifier=None) -> tf.train.Checkpoint:
+  """The run's single checkpoint object. The optimizer must already be built (its slots exist)."""
+  state = {"model": model, "optimizer": optimizer, "bank": bank}
+  if classifier is not None:
+    state["classifier"] = classifier
+  return tf.train.Checkpoint(**state)
+
+
+def make_manager(checkpoint: tf.train.Checkpoint, model_dir: str, *, max_to_keep: int) -> tf.train.CheckpointManager:
+  return tf.train.CheckpointManager(checkpoint, os.path.join(model_dir, CHECKPOINT_SUBDIR), max_to_keep=max_to_keep)
+
+
+def restore_or_initialize(manager: tf.train.CheckpointManager) -> str | None:
+  """Restores the latest checkpoint if there is one; returns its path, or None for a fresh start.
+
+  Every object of the run must find its values in the checkpoint (assert_existing_objects_matched).
+
+  Raises:
+    ValueError: naming the checkpoint when it cannot be read (corrupt or from another run).
+  """
+  path = manager.latest_checkpoint
+  if path is None:
+    return None
+  try:
+    manager.checkpoint.restore(path).assert_existing_objects_matched()
+  except (tf.errors.OpError, AssertionError, ValueError) as e:
+    raise ValueError(f"cannot restore checkpoint {path}: {e}") from e
+  return path
+
+
+def run_identity(*, dataset: str, num_instances: int, arch: str, embedding_dim: int, objective: str,
+                 image_shape: tuple[int, ...]) -> dict[str, Any]:
+  """The facts of a run that a checkpoint depends on; flags that may change across a resume are not in it."""
+  return {"dataset": dataset, "num_instances": num_instances, "arch": arch, "embedding_dim": embedding_dim,
+          "objective": objective, "image_shape": list(image_shape)}
+
+
+_FLAG_OF = {"dataset": "dataset", "num_instances": "max_train_examples", "arch": "arch",
+            "embedding_dim": "embedding_dim", "objective": "objective", "image_shape": "image_size"}
+
+
+def check_resume(model_dir: str, identity: dict[str, Any]) -> None:
+  """Refuses to resume a model dir whose checkpoints come from a different run.
+
+  Compares with RUN_FILE, and the bank shape stored in the latest checkpoint with (num_instances, embedding_dim).
+
+  Raises:
+    ValueError: naming the flag that differs and both values; nothing in the model dir is touched.
+  """
+  run_path = os.path.join(model_dir, RUN_FILE)
+  if os.path.exists(run_path):
+    try:
+      with open(run_path) as f:
+        saved = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+      raise ValueError(f"{run_path} is unreadable ({e}); move it away or use a new --model_dir") from e
+    for key, value in identity.items():
+      if key in saved and saved[key] != value:
+        raise ValueError(
+            f"--{_FLAG_OF[key]}: --model_dir={model_dir} holds a run with {key}={saved[key]!r}, this run has "
+            f"{value!r}. Resume with the same settings or use a new --model_dir.")
+  latest = tf.train.latest_checkpoint(os.path.join(model_dir, CHECKPOINT_SUBDIR))
+  if latest is None:
+    return
+  shapes = tf.train.load_checkpoint(latest).get_variable_to_shape_map()
+  expected = [identity["num_instances"], identity["embedding_dim"]]
+  if BANK_KEY in shapes and list(shapes[BANK_KEY]) != expected:
+    raise ValueError(
+        f"--max_train_examples/--embedding_dim: checkpoint {latest} has a memory bank of shape {shapes[BANK_KEY]}, "
+        f"this run needs {expected}. Resume with the same dataset and embedding size or use a new --model_dir.")
+
+
+def save_run_identity(model_dir: str, identity: dict[str, Any]) -> None:
+  write_json_atomic(os.path.join(model_dir, RUN_FILE), identity)
+
+
+def write_json_atomic(path: str, value: Any) -> None:
+  """Writes JSON to a temporary file and renames it over `path`: readers never see half a file."""
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(value, f, indent=2, sort_keys=True)
+    f.write("\n")
+  os.replace(tmp, path)

@@ -1,0 +1,231 @@
+"""Run configuration: frozen dataclass sections and their validation.
+
+Every field name is also the name of one `train.py` flag (STYLE.md 6.2); `train.config_from_flags()` is the only
+place where the two meet. Durations are in epochs here; `train_lib.run` converts them to steps once, because
+only it knows the dataset size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+ARCHS = ("resnet18", "resnet50", "resnet18_cifar", "convnet_small")
+OBJECTIVES = ("nce", "softmax", "parametric")
+NEGATIVE_SAMPLING = ("shared", "per_example")
+LR_SCHEDULES = ("step", "cosine")
+MIXED_PRECISION = ("off", "auto", "bfloat16", "float16")
+STRATEGIES = ("auto", "default", "one_device", "mirrored")
+BANK_INITS = ("random", "features")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataConfig:
+  """Where the images come from."""
+
+  dataset: str = "fashion_mnist"  # A TFDS name, "fashion_mnist" (local files first) or "folder".
+  data_dir: str = ""  # TFDS data dir, the folder root for "folder", or the Fashion-MNIST files' dir.
+  max_train_examples: int = 0  # 0 = the whole train split; else its first N examples.
+  image_size: int = 0  # 0 = the dataset's own size (must be fixed); else square crops of this side.
+  image_channels: int = 3  # Used by "folder" only: 1 (grayscale) or 3.
+  shuffle_buffer: int = 0  # 0 = the whole dataset (exact per-epoch permutation).
+  eval_split: str = "auto"  # "auto" picks validation, else test; "" disables kNN evaluation.
+  max_eval_examples: int = 0  # 0 = the whole eval split.
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AugmentConfig:
+  """Training augmentation, as the official code (PAPER.md)."""
+
+  crop_scale_min: float = 0.2
+  crop_scale_max: float = 1.0
+  color_jitter: float = 0.4  # Strength of brightness, contrast, saturation and hue jitter.
+  grayscale_prob: float = 0.2
+  horizontal_flip: bool = True
+  eval_crop_fraction: float = 1.0  # Centre crop for evaluation views; 0.875 is the usual ImageNet choice.
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+  arch: str = "resnet18"
+  embedding_dim: int = 128
+  # Batch-normalise the 128-d projection before the L2 norm. Not in the paper: an untrained network maps every
+  # image near one common direction, and centring it spreads the embeddings from the first step on.
+  head_batchnorm: bool = False
+  mixed_precision: str = "off"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BankConfig:
+  # random: seeded random unit rows (the official code). features: the untrained network's clean features, so the
+  # first epoch pulls each image towards its own view instead of a random target (one extra forward pass).
+  bank_init: str = "random"
+  bank_momentum: float = 0.5  # v <- normalise(m v + (1 - m) f); 0 writes the new feature as is.
+  proximal_lambda: float = 0.0  # Weight of the paper's proximal term lambda ||f_i - v_i||^2 (Sec. 3.3).
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LossConfig:
+  objective: str = "nce"
+  temperature: float = 0.07
+  num_negatives: int = 4096
+  negative_sampling: str = "shared"  # "shared": one draw per replica batch; "per_example": K per example.
+  exclude_positive: bool = False  # Drop negatives that equal the example's own instance.
+  normalizer_momentum: float = 0.0  # 0: Z fixed from the first global batch; else its moving-average rate.
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+  learning_rate: float = 0.03
+  lr_schedule: str = "step"
+  lr_decay_epochs: tuple[int, ...] = (120, 160)
+  lr_decay_factor: float = 0.1
+  warmup_epochs: int = 0
+  momentum: float = 0.9
+  weight_decay: float = 1e-4  # Coupled (added to the gradient), as PyTorch SGD in the paper.
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+  model_dir: str = ""
+  batch_size: int = 256  # Global batch, across all replicas.
+  epochs: int = 200
+  seed: int = 0
+  steps_per_loop: int = 50
+  checkpoint_every_epochs: int = 1
+  keep_checkpoints: int = 3
+  strategy: str = "auto"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+  knn_k: int = 200
+  knn_temperature: float = 0.07
+  eval_every_epochs: int = 1  # kNN against the bank; 0 disables the monitor.
+  final_eval: bool = True  # kNN against recomputed clean train features after the last epoch.
+  eval_batch_size: int = 256
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config:
+  data: DataConfig = DataConfig()
+  augment: AugmentConfig = AugmentConfig()
+  model: ModelConfig = ModelConfig()
+  bank: BankConfig = BankConfig()
+  loss: LossConfig = LossConfig()
+  optim: OptimConfig = OptimConfig()
+  train: TrainConfig = TrainConfig()
+  eval: EvalConfig = EvalConfig()
+
+
+SECTIONS = {f.name: type(f.default) for f in dataclasses.fields(Config)}
+
+
+def _check(ok: bool, field: str, message: str) -> None:
+  if not ok:
+    raise ValueError(f"--{field}: {message}")
+
+
+def _check_choice(value: str, field: str, choices: tuple[str, ...]) -> None:
+  _check(value in choices, field, f"got {value!r}, expected one of {', '.join(choices)}")
+
+
+def validate(cfg: Config) -> Config:
+  """Checks every field that can be checked without data; returns cfg.
+
+  Raises:
+    ValueError: naming the offending flag (= field) and why.
+  """
+  d, a, m, b, loss, o, t, e = (cfg.data, cfg.augment, cfg.model, cfg.bank, cfg.loss, cfg.optim, cfg.train, cfg.eval)
+  _check(bool(d.dataset), "dataset", "must be set")
+  _check(d.dataset != "folder" or bool(d.data_dir), "data_dir", "--dataset=folder needs --data_dir=ROOT")
+  _check(d.max_train_examples >= 0, "max_train_examples", "must be >= 0")
+  _check(d.max_eval_examples >= 0, "max_eval_examples", "must be >= 0")
+  _check(d.image_size >= 0, "image_size", "must be >= 0 (0 = native size)")
+  _check(d.image_channels in (1, 3), "image_channels", "must be 1 or 3")
+  _check(d.shuffle_buffer >= 0, "shuffle_buffer", "must be >= 0")
+  _check(0.0 < a.crop_scale_min <= a.crop_scale_max <= 1.0, "crop_scale_min",
+         f"need 0 < crop_scale_min ({a.crop_scale_min}) <= crop_scale_max ({a.crop_scale_max}) <= 1")
+  _check(0.0 <= a.color_jitter <= 1.0, "color_jitter", "must be in [0, 1]")
+  _check(0.0 <= a.grayscale_prob <= 1.0, "grayscale_prob", "must be in [0, 1]")
+  _check(0.0 < a.eval_crop_fraction <= 1.0, "eval_crop_fraction", "must be in (0, 1]")
+  _check_choice(m.arch, "arch", ARCHS)
+  _check(m.embedding_dim > 0, "embedding_dim", "must be > 0")
+  _check_choice(m.mixed_precision, "mixed_precision", MIXED_PRECISION)
+  _check_choice(b.bank_init, "bank_init", BANK_INITS)
+  _check(0.0 <= b.bank_momentum < 1.0, "bank_momentum", "must be in [0, 1)")
+  _check(b.proximal_lambda >= 0.0, "proximal_lambda", "must be >= 0")
+  _check_choice(loss.objective, "objective", OBJECTIVES)
+  _check(loss.temperature > 0.0, "temperature", f"must be > 0, got {loss.temperature}")
+  _check(loss.num_negatives > 0, "num_negatives", "must be > 0")
+  _check_choice(loss.negative_sampling, "negative_sampling", NEGATIVE_SAMPLING)
+  _check(0.0 <= loss.normalizer_momentum < 1.0, "normalizer_momentum", "must be in [0, 1)")
+  _check(o.learning_rate > 0.0, "learning_rate", "must be > 0")
+  _check_choice(o.lr_schedule, "lr_schedule", LR_SCHEDULES)
+  _check(list(o.lr_decay_epochs) == sorted(o.lr_decay_epochs) and all(x > 0 for x in o.lr_decay_epochs),
+         "lr_decay_epochs", "must be increasing positive epochs")
+  _check(0.0 < o.lr_decay_factor <= 1.0, "lr_decay_factor", "must be in (0, 1]")
+  _check(t.epochs > 0, "epochs", "must be > 0")
+  _check(0 <= o.warmup_epochs < t.epochs, "warmup_epochs", "must be in [0, epochs)")
+  _check(0.0 <= o.momentum < 1.0, "momentum", "must be in [0, 1)")
+  _check(o.weight_decay >= 0.0, "weight_decay", "must be >= 0")
+  _check(bool(t.model_dir), "model_dir", "must be set (checkpoints, config.json and metrics go there)")
+  _check(t.batch_size > 0, "batch_size", "must be > 0")
+  _check(t.steps_per_loop > 0, "steps_per_loop", "must be > 0")
+  _check(t.checkpoint_every_epochs > 0, "checkpoint_every_epochs", "must be > 0")
+  _check(t.keep_checkpoints > 0, "keep_checkpoints", "must be > 0")
+  _check_choice(t.strategy, "strategy", STRATEGIES)
+  _check(e.knn_k > 0, "knn_k", "must be > 0")
+  _check(e.knn_temperature > 0.0, "knn_temperature", "must be > 0")
+  _check(e.eval_every_epochs >= 0, "eval_every_epochs", "must be >= 0")
+  _check(e.eval_batch_size > 0, "eval_batch_size", "must be > 0")
+  return cfg
+
+
+def validate_against_data(cfg: Config, *, num_instances: int) -> None:
+  """Checks the fields that depend on the dataset size.
+
+  Raises:
+    ValueError: naming the offending flag.
+  """
+  _check(num_instances >= 2, "dataset", f"needs at least 2 training images, found {num_instances}")
+  if cfg.loss.objective == "nce":
+    _check(cfg.loss.num_negatives < num_instances, "num_negatives",
+           f"{cfg.loss.num_negatives} must be smaller than the number of instances ({num_instances})")
+  _check(cfg.train.batch_size <= num_instances, "batch_size",
+         f"{cfg.train.batch_size} is larger than the number of instances ({num_instances})")
+
+
+def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+  """The config as JSON-ready nested dicts (tuples become lists)."""
+  return json_ready(dataclasses.asdict(cfg))
+
+
+def json_ready(value: Any) -> Any:
+  if isinstance(value, dict):
+    return {k: json_ready(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [json_ready(v) for v in value]
+  return value
+
+
+def from_dict(values: dict[str, dict[str, Any]]) -> Config:
+  """Inverse of `to_dict`; unknown keys raise TypeError."""
+  sections = {}
+  for name, section_type in SECTIONS.items():
+    fields = dict(values.get(name, {}))
+    for f in dataclasses.fields(section_type):
+      if f.name in fields and isinstance(fields[f.name], list):
+        fields[f.name] = tuple(fields[f.name])
+    sections[name] = section_type(**fields)
+  return Config(**sections)
+
+
+def field_names() -> dict[str, str]:
+  """Maps every field name to its section name; names are unique across sections."""
+  names = {}
+  for section, section_type in SECTIONS.items():
+    for f in dataclasses.fields(section_type):
+      assert f.name not in names, f"field {f.name} appears in {names.get(f.name)} and {section}"
+      names[f.name] = section
+  return names

@@ -1,0 +1,376 @@
+"""Datasets of {"image", "label", "instance_id"}: TFDS by name, Fashion-MNIST from local files, image folders.
+
+The train split has a fixed order, so the instance id of an example is its position in it (0..N-1) on every run
+and every host. Training datasets are built one epoch at a time from (seed, epoch): the same flags give the same
+batches, which is what makes a resumed run continue exactly where the checkpoint left it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import os
+from typing import Callable
+
+import numpy as np
+import tensorflow as tf
+
+from tf_instdisc import augment
+from tf_instdisc import config as config_lib
+
+IMAGE_KEY, LABEL_KEY, ID_KEY = "image", "label", "instance_id"
+UNLABELED = -1
+FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
+_FASHION_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+_IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM")
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
+_MAX_CACHED_BYTES = 4 << 30  # Fixed-size splits smaller than this are decoded once and kept in memory.
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  """One split in a fixed order. `make()` yields {"image": uint8 [H, W, C], "label": int64} unbatched."""
+
+  make: Callable[[], tf.data.Dataset]
+  num_examples: int
+  files: tuple[str, ...] = ()  # For image folders: the file of each example, in order.
+  make_labels: Callable[[], tf.data.Dataset] | None = None  # Labels only, without decoding images.
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSource:
+  name: str
+  train: Split
+  eval: Split | None
+  image_shape: tuple[int | None, int | None, int]  # (H, W, C); H and W are None when images vary in size.
+  num_classes: int  # 0 when the train split carries no labels.
+
+
+# ----------------------------------------------------------------------------------------------------------- loading
+def load_source(cfg: config_lib.DataConfig) -> DataSource:
+  """Opens the dataset named by cfg.dataset, cut to cfg.max_train_examples / cfg.max_eval_examples.
+
+  Raises:
+    ValueError: unknown dataset, empty or unreadable folder (naming the file), missing files.
+  """
+  if cfg.dataset == "folder":
+    source = _load_folder(cfg.data_dir, channels=cfg.image_channels)
+  elif cfg.dataset == "fashion_mnist" and _find_fashion_mnist(cfg.data_dir):
+    source = _load_fashion_mnist(_find_fashion_mnist(cfg.data_dir))
+  else:
+    source = _load_tfds(cfg.dataset, cfg.data_dir, eval_split=cfg.eval_split)
+  if cfg.eval_split == "":
+    source = dataclasses.replace(source, eval=None)
+  return dataclasses.replace(source, train=_take(source.train, cfg.max_train_examples),
+                             eval=source.eval and _take(source.eval, cfg.max_eval_examples))
+
+
+def _take(split: Split, count: int) -> Split:
+  if count == 0 or count >= split.num_examples:
+    return split
+  make_labels = split.make_labels and (lambda: split.make_labels().take(count))
+  return Split(make=lambda: split.make().take(count), num_examples=count, files=split.files[:count],
+               make_labels=make_labels)
+
+
+def _find_fashion_mnist(data_dir: str) -> str | None:
+  for directory in ((data_dir,) if data_dir else ()) + FASHION_MNIST_DIRS:
+    if all(os.path.exists(os.path.join(directory, f)) for f in _FASHION_FILES["train"]):
+      return directory
+  return None
+
+
+def read_idx(path: str) -> np.ndarray:
+  """Reads a (gzipped) IDX file, the MNIST format: magic 0x0000 type ndim, big-endian dims, then the data.
+
+  Raises:
+    ValueError: naming the file when it is not a valid IDX file.
+  """
+  opener = gzip.open if path.endswith(".gz") else open
+  try:
+    with opener(path, "rb") as f:
+      raw = f.read()
+  except (OSError, EOFError) as e:
+    raise ValueError(f"{path}: cannot read ({e})") from e
+  if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] != 0x08:
+    raise ValueError(f"{path}: not an unsigned-byte IDX file")
+  ndim = raw[3]
+  if len(raw) < 4 + 4 * ndim:
+    raise ValueError(f"{path}: truncated header, {ndim} dimensions need {4 + 4 * ndim} bytes, found {len(raw)}")
+  dims = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+  data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+  if data.size != int(np.prod(dims)):
+    raise ValueError(f"{path}: truncated, expected {int(np.prod(dims))} values, found {data.size}")
+  return data.reshape(dims)
+
+
+def _array_split(images: np.ndarray, labels: np.ndarray) -> Split:
+  labels = labels.astype(np.int64)
+  return Split(make=lambda: tf.data.Dataset.from_tensor_slices({IMAGE_KEY: images, LABEL_KEY: labels}),
+               num_examples=len(images), make_labels=lambda: tf.data.Dataset.from_tensor_slices(labels))
+
+
+def source_from_arrays(name: str, train_images: np.ndarray, train_labels: np.ndarray,
+                       eval_images: np.ndarray | None = None, eval_labels: np.ndarray | None = None, *,
+                       num_classes: int) -> DataSource:
+  """A DataSource over in-memory uint8 images [M, H, W, C] and int labels [M] (eval arrays optional)."""
+  evaluation = None if eval_images is None else _array_split(eval_images, eval_labels)
+  return DataSource(name=name, train=_array_split(train_images, train_labels), eval=evaluation,
+                    image_shape=tuple(train_images.shape[1:]), num_classes=num_classes)
+
+
+def _load_fashion_mnist(directory: str) -> DataSource:
+  """Fashion-MNIST from its four original files (Debian's dataset-fashion-mnist, or any dir that has them).
+
+  TFDS's registered checksums reject Debian's re-gzipped copies, and the files are tiny: reading the IDX format
+  directly needs no download config and no prepared TFDS directory.
+  """
+  splits = {}
+  for split, (image_file, label_file) in _FASHION_FILES.items():
+    images = read_idx(os.path.join(directory, image_file))[..., None]  # [N, 28, 28, 1]
+    labels = read_idx(os.path.join(directory, label_file))
+    if len(images) != len(labels):
+      raise ValueError(f"{directory}: {image_file} has {len(images)} images but {label_file} {len(labels)} labels")
+    splits[split] = (images, labels)
+  return source_from_arrays("fashion_mnist", *splits["train"], *splits["test"], num_classes=10)
+
+
+def _load_tfds(name: str, data_dir: str, *, eval_split: str) -> DataSource:
+  """Any TFDS image-classification dataset with "image" and "label" features (imagenet2012: manual dir)."""
+  import tensorflow_datasets as tfds  # Imported here: only this source needs it, and it is slow to import.
+
+  try:
+    builder = tfds.builder(name, data_dir=data_dir or None)
+  except Exception as e:  # TFDS raises several types (DatasetNotFoundError, ...) for a bad name.
+    raise ValueError(f"--dataset: unknown dataset {name!r} ({type(e).__name__}: {e})") from e
+  features = builder.info.features
+  if "image" not in features or "label" not in features:
+    raise ValueError(f"--dataset: {name!r} has no 'image' and 'label' features ({list(features.keys())})")
+  download_config = tfds.download.DownloadConfig(manual_dir=data_dir or None)
+  builder.download_and_prepare(download_config=download_config)
+
+  def split_of(split_name: str) -> Split:
+    def make() -> tf.data.Dataset:
+      ds = builder.as_dataset(split=split_name, shuffle_files=False)
+      return ds.map(lambda ex: {IMAGE_KEY: ex["image"], LABEL_KEY: tf.cast(ex["label"], tf.int64)})
+
+    def make_labels() -> tf.data.Dataset:
+      ds = builder.as_dataset(split=split_name, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()})
+      return ds.map(lambda ex: tf.cast(ex["label"], tf.int64))
+
+    known = builder.info.splits[split_name].num_examples if split_name in builder.info.splits else 0
+    return Split(make=make, num_examples=known or _count(make_labels()), make_labels=make_labels)
+
+  shape = tuple(features["image"].shape)
+  eval_name = _pick_eval_split(builder, eval_split)
+  train = _maybe_cache(split_of("train"), shape)
+  evaluation = _maybe_cache(split_of(eval_name), shape) if eval_name else None
+  return DataSource(name=name, train=train, eval=evaluation, image_shape=shape,
+                    num_classes=int(features["label"].num_classes))
+
+
+def _pick_eval_split(builder, eval_split: str) -> str | None:
+  if eval_split not in ("auto", ""):
+    return eval_split
+  if eval_split == "":
+    return None
+  known = set(builder.info.splits.keys())
+  for candidate in ("validation", "test"):
+    if candidate in known:
+      return candidate
+  if known:  # A dataset with splits but neither: no kNN evaluation.
+    return None
+  for candidate in ("validation", "test"):  # Split names unknown (e.g. under tfds.testing.mock_data).
+    try:
+      builder.as_dataset(split=candidate).take(1)
+      return candidate
+    except (ValueError, KeyError):
+      continue
+  return None
+
+
+def _count(ds: tf.data.Dataset) -> int:
+  return int(ds.reduce(np.int64(0), lambda count, _: count + 1))
+
+
+def _maybe_cache(split: Split, shape: tuple) -> Split:
+  if None in shape or split.num_examples * int(np.prod(shape)) > _MAX_CACHED_BYTES:
+    return split
+  return Split(make=_cached(split.make), num_examples=split.num_examples, make_labels=split.make_labels)
+
+
+def _cached(make: Callable[[], tf.data.Dataset]) -> Callable[[], tf.data.Dataset]:
+  """Decodes the split once into NumPy arrays; later datasets slice them (no re-decoding every epoch)."""
+  arrays = {}
+
+  def cached_make() -> tf.data.Dataset:
+    if not arrays:
+      batches = list(make().batch(4096).as_numpy_iterator())
+      arrays.update({k: np.concatenate([b[k] for b in batches]) for k in (IMAGE_KEY, LABEL_KEY)})
+    return tf.data.Dataset.from_tensor_slices(dict(arrays))
+
+  return cached_make
+
+
+# ------------------------------------------------------------------------------------------------------------ folder
+def _list_images(directory: str, class_names: list[str] | None) -> tuple[list[str], list[int], list[str]]:
+  """Files under `directory` (sorted) with labels from their first-level subfolder; loose files are UNLABELED."""
+  entries = sorted(os.listdir(directory))
+  if class_names is None:
+    class_names = [e for e in entries if os.path.isdir(os.path.join(directory, e))]
+  files, labels = [], []
+  for entry in entries:
+    path = os.path.join(directory, entry)
+    if os.path.isdir(path):
+      if entry not in class_names:
+        raise ValueError(f"--data_dir: class folder {path} does not exist in the train split")
+      for root, dirs, names in os.walk(path):
+        dirs.sort()
+        for file_name in sorted(names):
+          if file_name.lower().endswith(_IMAGE_SUFFIXES):
+            files.append(os.path.join(root, file_name))
+            labels.append(class_names.index(entry))
+    elif entry.lower().endswith(_IMAGE_SUFFIXES):
+      files.append(path)
+      labels.append(UNLABELED)
+  return files, labels, class_names
+
+
+def check_image_file(path: str) -> None:
+  """Raises ValueError naming `path` if it is empty, unreadable, or not a JPEG, PNG, GIF or BMP."""
+  try:
+    with open(path, "rb") as f:
+      head = f.read(8)
+  except OSError as e:
+    raise ValueError(f"--data_dir: cannot read image {path}: {e}") from e
+  if not head:
+    raise ValueError(f"--data_dir: image file {path} is empty")
+  if not head.startswith(_IMAGE_MAGIC):
+    raise ValueError(f"--data_dir: {path} is not a JPEG, PNG, GIF or BMP image")
+
+
+def find_undecodable(files: tuple[str, ...], *, channels: int) -> str | None:
+  """The first of `files` that TensorFlow cannot decode, or None; used to name the file after a decode error."""
+  for path in files:
+    try:
+      tf.io.decode_image(tf.io.read_file(path), channels=channels, expand_animations=False)
+    except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError):
+      return path
+  return None
+
+
+def _folder_split(files: list[str], labels: list[int], channels: int) -> Split:
+  def decode(path: tf.Tensor, label: tf.Tensor) -> dict[str, tf.Tensor]:
+    image = tf.io.decode_image(tf.io.read_file(path), channels=channels, expand_animations=False)
+    return {IMAGE_KEY: tf.ensure_shape(image, [None, None, channels]), LABEL_KEY: label}
+
+  def make() -> tf.data.Dataset:
+    ds = tf.data.Dataset.from_tensor_slices((files, np.asarray(labels, np.int64)))
+    return ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+  return Split(make=make, num_examples=len(files), files=tuple(files),
+               make_labels=lambda: tf.data.Dataset.from_tensor_slices(np.asarray(labels, np.int64)))
+
+
+def _load_folder(root: str, *, channels: int) -> DataSource:
+  """ROOT/train (class subfolders give labels; loose images are unlabeled), ROOT/val or ROOT/test for eval."""
+  train_dir = os.path.join(root, "train")
+  if not os.path.isdir(train_dir):
+    raise ValueError(f"--data_dir: {train_dir} does not exist (expected ROOT/train with images)")
+  files, labels, class_names = _list_images(train_dir, None)
+  if not files:
+    raise ValueError(f"--data_dir: no images (.jpg, .jpeg, .png, .gif, .bmp) under {train_dir}")
+  labeled = bool(class_names) and all(label != UNLABELED for label in labels)
+  eval_split, files_to_check = None, files
+  for name in ("val", "test") if labeled else ():  # kNN needs labelled train features.
+    if os.path.isdir(os.path.join(root, name)):
+      eval_files, eval_labels, _ = _list_images(os.path.join(root, name), class_names)
+      if eval_files:
+        files_to_check = files + eval_files
+        eval_split = _folder_split(eval_files, eval_labels, channels)
+        break
+  for path in files_to_check:
+    check_image_file(path)
+  return DataSource(name="folder", train=_folder_split(files, labels, channels), eval=eval_split,
+                    image_shape=(None, None, channels), num_classes=len(class_names) if labeled else 0)
+
+
+# ---------------------------------------------------------------------------------------------------------- pipelines
+def with_instance_ids(split: Split) -> tf.data.Dataset:
+  """The split with "instance_id" (int64, its position) added to every example."""
+  return split.make().enumerate().map(lambda index, ex: {**ex, ID_KEY: index})
+
+
+def resolve_image_size(source: DataSource, image_size: int) -> int:
+  """The side of the model input: cfg.image_size, or the dataset's own square size when it is 0.
+
+  Raises:
+    ValueError: --image_size is 0 but the images have no fixed square size.
+  """
+  if image_size:
+    return image_size
+  height, width, _ = source.image_shape
+  if height is None or height != width:
+    raise ValueError(f"--image_size: {source.name} images are {height}x{width}, set --image_size explicitly")
+  return height
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+  return (seed * 1_000_003 + epoch) % (2**31 - 1)
+
+
+def make_train_dataset(source: DataSource, cfg: config_lib.DataConfig, augment_cfg: config_lib.AugmentConfig, *,
+                       batch_size: int, seed: int, epoch: int, skip_batches: int = 0) -> tf.data.Dataset:
+  """One epoch of augmented training batches; the same (seed, epoch) gives the same batches.
+
+  Args:
+    source: from `load_source`.
+    cfg: the data section (image_size, shuffle_buffer).
+    augment_cfg: the augmentation section.
+    batch_size: examples per batch (the global batch; a strategy splits it).
+    seed: the run's seed.
+    epoch: which epoch (0-based): picks the permutation and the augmentation seeds.
+    skip_batches: batches of this epoch already trained on (resuming mid-epoch).
+
+  Returns:
+    A dataset of {"image": float32 [batch, S, S, C] in [0, 255], "label": int64 [batch],
+    "instance_id": int64 [batch]}; the last partial batch is dropped.
+  """
+  size = resolve_image_size(source, cfg.image_size)
+  buffer = cfg.shuffle_buffer or source.train.num_examples
+  ds = with_instance_ids(source.train)
+  # Shuffle within one epoch only, never across the repeat boundary, so every epoch sees every instance once.
+  ds = ds.shuffle(buffer, seed=epoch_seed(seed, epoch), reshuffle_each_iteration=False)
+  ds = ds.skip(skip_batches * batch_size)
+
+  def train_view(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    example_seed = augment.example_seed(seed, example[ID_KEY], epoch)
+    return {**example, IMAGE_KEY: augment.augment_for_train(example[IMAGE_KEY], example_seed, augment_cfg, size=size)}
+
+  ds = ds.map(train_view, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
+def make_eval_dataset(split: Split, augment_cfg: config_lib.AugmentConfig, *, image_size: int,
+                      batch_size: int) -> tf.data.Dataset:
+  """The split in order, un-augmented (centre view), batched; the last batch may be short.
+
+  Returns:
+    {"image": float32 [b, S, S, C] in [0, 255], "label": int64 [b], "instance_id": int64 [b]}.
+  """
+  def eval_view(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    image = augment.preprocess_for_eval(example[IMAGE_KEY], size=image_size,
+                                        crop_fraction=augment_cfg.eval_crop_fraction)
+    return {**example, IMAGE_KEY: image}
+
+  ds = with_instance_ids(split).map(eval_view, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def load_labels(split: Split) -> np.ndarray:
+  """int64 [num_examples] labels of the split in order (one pass; images are not decoded when avoidable)."""
+  labels = split.make_labels() if split.make_labels else split.make().map(lambda ex: ex[LABEL_KEY])
+  return np.concatenate(list(labels.batch(65536).as_numpy_iterator())).astype(np.int64)

@@ -1,0 +1,116 @@
+"""Weighted kNN classification over embeddings (paper Sec. 3.4): class weight sum of exp(s_i / tau) over the top k.
+
+Shapes: Q = queries, N = keys (bank rows or clean train features), D = embedding_dim, C = num_classes. Keys are
+scanned in chunks, so memory stays O(Q x chunk) even at N = 1.28M. Evaluation writes nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tf_instdisc import data as data_lib
+
+DEFAULT_CHUNK = 65536
+
+
+def top_k_neighbors(queries: tf.Tensor, keys: tf.Tensor, *, k: int, chunk_size: int = DEFAULT_CHUNK
+                    ) -> tuple[tf.Tensor, tf.Tensor]:
+  """Exact top-k by cosine similarity, scanning keys chunk by chunk.
+
+  Args:
+    queries: [Q, D] float32, unit norm.
+    keys: [N, D] float32, unit norm (static N).
+    k: neighbours per query, clipped to N.
+    chunk_size: keys compared at once.
+
+  Returns:
+    (scores [Q, k] float32 descending, ids [Q, k] int64 into keys).
+  """
+  num_keys = int(keys.shape[0])
+  k = min(k, num_keys)
+  best_scores, best_ids = None, None
+  for start in range(0, num_keys, chunk_size):
+    chunk = keys[start:start + chunk_size]
+    scores, ids = tf.math.top_k(tf.matmul(queries, chunk, transpose_b=True), k=min(k, int(chunk.shape[0])))
+    ids = tf.cast(ids, tf.int64) + start
+    if best_scores is not None:
+      scores, ids = tf.concat([best_scores, scores], 1), tf.concat([best_ids, ids], 1)
+      scores, order = tf.math.top_k(scores, k=k)
+      ids = tf.gather(ids, order, batch_dims=1)
+    best_scores, best_ids = scores, ids
+  return best_scores, best_ids
+
+
+def vote(neighbor_scores: tf.Tensor, neighbor_labels: tf.Tensor, *, temperature: float, num_classes: int
+         ) -> tf.Tensor:
+  """Class scores [Q, C]: sum over neighbours of exp(s / temperature), one-hot by the neighbour's label.
+
+  Args:
+    neighbor_scores: [Q, k] float32 cosine similarities.
+    neighbor_labels: [Q, k] int in [0, C).
+    temperature: tau > 0.
+    num_classes: C.
+  """
+  weights = tf.exp(neighbor_scores / temperature)  # [Q, k]
+  return tf.einsum("qk,qkc->qc", weights, tf.one_hot(neighbor_labels, num_classes, dtype=weights.dtype))
+
+
+def knn_predict(queries: tf.Tensor, keys: tf.Tensor, key_labels: tf.Tensor, *, k: int, temperature: float,
+                num_classes: int, chunk_size: int = DEFAULT_CHUNK) -> tf.Tensor:
+  """Weighted kNN class scores [Q, C] for queries [Q, D] against keys [N, D] labelled key_labels [N] int."""
+  scores, ids = top_k_neighbors(queries, keys, k=k, chunk_size=chunk_size)
+  return vote(scores, tf.gather(key_labels, ids), temperature=temperature, num_classes=num_classes)
+
+
+def compute_embeddings(model: keras.Model, dataset: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
+  """Embeds a dataset of {"image", "label", ...} batches in order: (float32 [M, D], int64 [M])."""
+  embed = tf.function(lambda images: model(images, training=False), reduce_retracing=True)
+  features, labels = [], []
+  for batch in dataset:
+    features.append(embed(batch[data_lib.IMAGE_KEY]).numpy())
+    labels.append(batch[data_lib.LABEL_KEY].numpy())
+  return np.concatenate(features), np.concatenate(labels)
+
+
+def knn_accuracy(query_features: np.ndarray, query_labels: np.ndarray, keys: tf.Tensor, key_labels: np.ndarray, *,
+                 k: int, temperature: float, num_classes: int, query_batch: int = 256) -> dict[str, float]:
+  """Top-1 and top-5 accuracy of weighted kNN, streaming over query batches.
+
+  Returns:
+    {"knn_top1": float, "knn_top5": float} in [0, 1].
+  """
+  key_label_tensor = tf.constant(key_labels, tf.int64)
+  predict = tf.function(
+      lambda queries: knn_predict(queries, keys, key_label_tensor, k=k, temperature=temperature,
+                                  num_classes=num_classes),
+      reduce_retracing=True)
+  top1 = top5 = 0
+  for start in range(0, len(query_features), query_batch):
+    scores = predict(tf.constant(query_features[start:start + query_batch]))
+    labels = query_labels[start:start + query_batch]
+    ranked = tf.math.top_k(scores, k=min(5, num_classes)).indices.numpy()
+    top1 += int(np.sum(ranked[:, 0] == labels))
+    top5 += int(np.sum(np.any(ranked == labels[:, None], axis=1)))
+  count = max(len(query_features), 1)
+  return {"knn_top1": top1 / count, "knn_top5": top5 / count}
+
+
+class KnnEvaluator:
+  """kNN accuracy of an eval split against given keys (the bank, or clean train features) and train labels."""
+
+  def __init__(self, eval_dataset: tf.data.Dataset, train_labels: np.ndarray, *, k: int, temperature: float,
+               num_classes: int):
+    self.eval_dataset = eval_dataset
+    self.train_labels = train_labels
+    self.k, self.temperature, self.num_classes = k, temperature, num_classes
+
+  def run(self, model: keras.Model, keys: tf.Tensor) -> Iterator[tuple[str, float]]:
+    """Yields ("knn_top1", acc) and ("knn_top5", acc) for the eval split embedded by `model` against `keys`."""
+    features, labels = compute_embeddings(model, self.eval_dataset)
+    results = knn_accuracy(features, labels, keys, self.train_labels, k=self.k, temperature=self.temperature,
+                           num_classes=self.num_classes)
+    yield from results.items()

@@ -1,0 +1,101 @@
+"""Instance-discrimination losses (Wu et al. 2018, Sec. 3.1-3.3), pure and per example.
+
+Shapes: B = per-replica batch, N = num_instances, K = num_negatives. Every loss returns [B] float32 and never
+reduces across examples or replicas: the train step does that once with tf.nn.compute_average_loss.
+"""
+
+from __future__ import annotations
+
+import math
+
+import tensorflow as tf
+
+
+def nce_logits(similarities: tf.Tensor, *, temperature: float, num_instances: int, num_negatives: int,
+               normalizer: tf.Tensor) -> tf.Tensor:
+  """NCE logits l = log P(i|v) - log(K P_n) for bank similarities (paper Eq. 4-5).
+
+  With P(i|v) = exp(s / tau) / Z and P_n = 1 / N: l = s / tau - log Z + log N - log K, so that
+  h = P / (P + K P_n) = sigmoid(l).
+
+  Args:
+    similarities: any shape, float32 cosine similarities v . f.
+    temperature: tau > 0.
+    num_instances: N.
+    num_negatives: K.
+    normalizer: scalar float32 Z > 0.
+
+  Returns:
+    Logits of the same shape as `similarities`.
+  """
+  offset = tf.math.log(normalizer) - math.log(num_instances) + math.log(num_negatives)
+  return similarities / temperature - offset
+
+
+def nce_loss(pos_logits: tf.Tensor, neg_logits: tf.Tensor, *, neg_mask: tf.Tensor | None = None) -> tf.Tensor:
+  """Per-example NCE loss -log h(pos) - sum_k log(1 - h(neg_k)) (paper Eq. 6).
+
+  Written with softplus so it stays finite for any logit: -log sigmoid(l) = softplus(-l) and
+  -log(1 - sigmoid(l)) = softplus(l).
+
+  Args:
+    pos_logits: [B] float32, `nce_logits` of each example's own bank row.
+    neg_logits: [B, K] float32, `nce_logits` of the noise rows.
+    neg_mask: optional [B, K] bool, False drops that negative (e.g. the positive drawn as noise).
+
+  Returns:
+    [B] float32 losses.
+  """
+  neg_terms = tf.nn.softplus(neg_logits)  # [B, K]
+  if neg_mask is not None:
+    neg_terms = tf.where(neg_mask, neg_terms, tf.zeros_like(neg_terms))
+  return tf.nn.softplus(-pos_logits) + tf.reduce_sum(neg_terms, axis=-1)
+
+
+def softmax_instance_loss(logits: tf.Tensor, instance_ids: tf.Tensor, *, temperature: float) -> tf.Tensor:
+  """Per-example cross-entropy of the non-parametric softmax over all N instances (paper Eq. 2).
+
+  Args:
+    logits: [B, N] float32 similarities f . v_j (or w_j . f for the parametric baseline).
+    instance_ids: [B] int, in [0, N).
+    temperature: tau > 0; the logits are divided by it.
+
+  Returns:
+    [B] float32 losses.
+  """
+  return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=instance_ids, logits=logits / temperature)
+
+
+def proximal_loss(features: tf.Tensor, bank_rows: tf.Tensor, *, proximal_lambda: float) -> tf.Tensor:
+  """The paper's proximal regulariser lambda ||f_i - v_i||^2 (Eq. 7); v_i carries no gradient.
+
+  Args:
+    features: [B, D] float32 current features.
+    bank_rows: [B, D] float32 rows read from the bank before this step's update.
+    proximal_lambda: lambda >= 0.
+
+  Returns:
+    [B] float32.
+  """
+  diff = features - tf.stop_gradient(bank_rows)
+  return proximal_lambda * tf.reduce_sum(tf.square(diff), axis=-1)
+
+
+def estimate_normalizer(pos_similarities: tf.Tensor, neg_similarities: tf.Tensor, *, temperature: float,
+                        num_instances: int) -> tf.Tensor:
+  """Monte-Carlo estimate of Z = sum_j exp(v_j . f / tau), as the official code: N * mean of exp(s / tau).
+
+  The mean is over every similarity the batch computed (positives and negatives). Under a strategy the caller
+  averages this across replicas so that all replicas share one Z.
+
+  Args:
+    pos_similarities: [B] float32.
+    neg_similarities: [B, K] float32.
+    temperature: tau > 0.
+    num_instances: N.
+
+  Returns:
+    Scalar float32 Z, without gradient.
+  """
+  scores = tf.concat([pos_similarities[:, None], neg_similarities], axis=1)  # [B, K+1]
+  return tf.stop_gradient(num_instances * tf.reduce_mean(tf.exp(scores / temperature)))

@@ -1,0 +1,47 @@
+"""Learning-rate schedules in steps: the paper's step decay and a cosine option, both with optional linear warmup.
+
+train_lib converts the epoch-based flags to steps once (it alone knows the dataset size) and builds these.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import tensorflow as tf
+
+from tf_instdisc import config as config_lib
+
+
+class WarmupStepCosine(keras.optimizers.schedules.LearningRateSchedule):
+  """lr(step): linear warmup to base_lr, then x factor at each boundary (step) or a half cosine to 0 (cosine)."""
+
+  def __init__(self, base_lr: float, *, total_steps: int, warmup_steps: int = 0, kind: str = "step",
+               boundaries: tuple[int, ...] = (), factor: float = 0.1):
+    self.base_lr, self.total_steps, self.warmup_steps = base_lr, total_steps, warmup_steps
+    self.kind, self.boundaries, self.factor = kind, tuple(boundaries), factor
+
+  def __call__(self, step):
+    step = tf.cast(step, tf.float32)
+    if self.kind == "cosine":
+      span = max(self.total_steps - self.warmup_steps, 1)
+      progress = tf.clip_by_value((step - self.warmup_steps) / span, 0.0, 1.0)
+      lr = 0.5 * self.base_lr * (1.0 + tf.cos(math.pi * progress))
+    else:
+      passed = tf.add_n([tf.cast(step >= b, tf.float32) for b in self.boundaries] + [tf.constant(0.0)])
+      lr = self.base_lr * tf.pow(self.factor, passed)
+    if self.warmup_steps:
+      lr = tf.where(step < self.warmup_steps, self.base_lr * (step + 1.0) / self.warmup_steps, lr)
+    return lr
+
+  def get_config(self):
+    return {"base_lr": self.base_lr, "total_steps": self.total_steps, "warmup_steps": self.warmup_steps,
+            "kind": self.kind, "boundaries": self.boundaries, "factor": self.factor}
+
+
+def build_lr_schedule(cfg: config_lib.OptimConfig, *, steps_per_epoch: int, epochs: int) -> WarmupStepCosine:
+  """The schedule of --lr_schedule with the epoch flags turned into steps (decay epochs past the end are unused)."""
+  return WarmupStepCosine(
+      cfg.learning_rate, total_steps=steps_per_epoch * epochs, warmup_steps=steps_per_epoch * cfg.warmup_epochs,
+      kind=cfg.lr_schedule, boundaries=tuple(steps_per_epoch * e for e in cfg.lr_decay_epochs),
+      factor=cfg.lr_decay_factor)

@@ -1,0 +1,344 @@
+"""The training loop: a named per-replica step, a multi-step tf.function, and the Python loop of side effects.
+
+Shapes: B = per-replica batch, G = global batch, N = num_instances, D = embedding_dim, K = num_negatives.
+The step reads the bank (positives, negatives) before it writes this batch's rows back: read, then write
+(paper Sec. 3.2). Epoch flags become steps here, once, because only here is the dataset size known.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any, Callable
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from tf_instdisc import checkpointing
+from tf_instdisc import config as config_lib
+from tf_instdisc import data as data_lib
+from tf_instdisc import distribute
+from tf_instdisc import knn
+from tf_instdisc import memory_bank
+from tf_instdisc import model as model_lib
+from tf_instdisc import objectives
+from tf_instdisc import schedules
+
+METRIC_NAMES = ("loss", "normalizer", "positive_similarity")
+METRICS_FILE, FINAL_METRICS_FILE, CONFIG_FILE = "metrics.jsonl", "final_metrics.json", "config.json"
+
+
+@dataclasses.dataclass
+class TrainState:
+  """Everything a run owns; `checkpoint` holds all of it that is state."""
+
+  model: keras.Model
+  bank: memory_bank.MemoryBank
+  optimizer: keras.optimizers.Optimizer
+  classifier: keras.layers.Layer | None
+  checkpoint: tf.train.Checkpoint
+
+  @property
+  def trainable_variables(self) -> list[tf.Variable]:
+    extra = self.classifier.trainable_variables if self.classifier is not None else []
+    return list(self.model.trainable_variables) + list(extra)
+
+
+def build_state(cfg: config_lib.Config, *, num_instances: int, input_shape: tuple[int, int, int],
+                steps_per_epoch: int) -> TrainState:
+  """Builds model, bank, optimizer (and classifier); call under strategy.scope()."""
+  policy = model_lib.resolve_policy(cfg.model.mixed_precision)
+  model = model_lib.build_embedding_model(cfg.model.arch, input_shape, embedding_dim=cfg.model.embedding_dim,
+                                          policy=policy, seed=cfg.train.seed, head_batchnorm=cfg.model.head_batchnorm)
+  bank = memory_bank.MemoryBank(num_instances, cfg.model.embedding_dim, seed=cfg.train.seed)
+  classifier = None
+  if cfg.loss.objective == "parametric":
+    classifier = model_lib.build_instance_classifier(num_instances, cfg.model.embedding_dim, seed=cfg.train.seed)
+  schedule = schedules.build_lr_schedule(cfg.optim, steps_per_epoch=steps_per_epoch, epochs=cfg.train.epochs)
+  optimizer = keras.optimizers.SGD(learning_rate=schedule, momentum=cfg.optim.momentum)
+  if policy == "mixed_float16":
+    optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+  state = TrainState(model=model, bank=bank, optimizer=optimizer, classifier=classifier, checkpoint=None)
+  optimizer.build(state.trainable_variables)
+  state.checkpoint = checkpointing.make_checkpoint(model=model, optimizer=optimizer, bank=bank, classifier=classifier)
+  return state
+
+
+def compute_objective(features: tf.Tensor, ids: tf.Tensor, *, bank: memory_bank.MemoryBank,
+                      classifier: keras.layers.Layer | None, cfg: config_lib.LossConfig, proximal_lambda: float,
+                      noise_seed: tf.Tensor) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
+  """Per-example loss [B] of the configured objective, reading (never writing) the bank; and diagnostics."""
+  positives = bank.lookup(ids)  # [B, D]
+  pos_similarity = tf.reduce_sum(features * positives, axis=1)  # [B]
+  normalizer = tf.constant(0.0)
+  if cfg.objective == "nce":
+    batch = tf.shape(ids)[0]
+    if cfg.negative_sampling == "shared":
+      neg_ids = tf.broadcast_to(bank.sample_negatives([cfg.num_negatives], seed=noise_seed)[None],
+                                [batch, cfg.num_negatives])  # [B, K]
+      neg_similarity = tf.matmul(features, bank.lookup(neg_ids[0]), transpose_b=True)  # [B, K]
+    else:
+      neg_ids = bank.sample_negatives([batch, cfg.num_negatives], seed=noise_seed)  # [B, K]
+      neg_similarity = tf.einsum("bd,bkd->bk", features, bank.lookup(neg_ids))
+    estimate = distribute.all_reduce_mean(objectives.estimate_normalizer(
+        pos_similarity, neg_similarity, temperature=cfg.temperature, num_instances=bank.num_instances))
+    normalizer = bank.maybe_set_normalizer(estimate, momentum=cfg.normalizer_momentum)
+    logit_args = dict(temperature=cfg.temperature, num_instances=bank.num_instances,
+                      num_negatives=cfg.num_negatives, normalizer=normalizer)
+    neg_mask = tf.not_equal(neg_ids, tf.cast(ids, tf.int64)[:, None]) if cfg.exclude_positive else None
+    per_example = objectives.nce_loss(objectives.nce_logits(pos_similarity, **logit_args),
+                                      objectives.nce_logits(neg_similarity, **logit_args), neg_mask=neg_mask)
+  elif cfg.objective == "softmax":
+    logits = tf.matmul(features, distribute.local_variable(bank.bank), transpose_b=True)  # [B, N]
+    per_example = objectives.softmax_instance_loss(logits, ids, temperature=cfg.temperature)
+  else:  # parametric: w_i . f, no temperature (paper Eq. 1); the weights' norm sets the scale.
+    per_example = objectives.softmax_instance_loss(classifier(features), ids, temperature=1.0)
+  if proximal_lambda > 0.0:
+    per_example += objectives.proximal_loss(features, positives, proximal_lambda=proximal_lambda)
+  return per_example, {"normalizer": normalizer, "positive_similarity": tf.reduce_mean(pos_similarity)}
+
+
+def make_train_step(state: TrainState, cfg: config_lib.Config, *, global_batch_size: int) -> Callable:
+  """Returns the per-replica step: batch dict -> {name: scalar} (METRIC_NAMES); run it under strategy.run."""
+  variables = state.trainable_variables
+  weight_decay = cfg.optim.weight_decay
+
+  def train_step(batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    ids = batch[data_lib.ID_KEY]  # [B] int64
+    step = tf.cast(state.optimizer.iterations, tf.int64)
+    noise_seed = tf.random.experimental.stateless_fold_in(
+        tf.stack([tf.constant(cfg.train.seed, tf.int64), step]), tf.cast(distribute.replica_id(), tf.int64))
+    with tf.GradientTape() as tape:
+      features = tf.cast(state.model(batch[data_lib.IMAGE_KEY], training=True), tf.float32)  # [B, D]
+      per_example, diagnostics = compute_objective(
+          features, ids, bank=state.bank, classifier=state.classifier, cfg=cfg.loss,
+          proximal_lambda=cfg.bank.proximal_lambda, noise_seed=noise_seed)
+      # Divide by the global batch: apply_gradients sums the replicas' gradients, giving the global mean.
+      loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch_size)
+      # Coupled L2 as PyTorch SGD's weight_decay (the paper's recipe), scaled so the replica sum counts it once.
+      l2 = 0.5 * weight_decay * tf.add_n([tf.reduce_sum(tf.square(v)) for v in variables])
+      total = loss + tf.nn.scale_regularization_loss(l2)
+      scaled = state.optimizer.scale_loss(total)
+    gradients = tape.gradient(scaled, variables)
+    state.optimizer.apply_gradients(zip(gradients, variables))
+    # The bank update comes after the loss has read the old rows; every replica applies the same gathered rows.
+    state.bank.update(distribute.all_gather(ids), distribute.all_gather(tf.stop_gradient(features)),
+                      momentum=cfg.bank.bank_momentum)
+    return {"loss": loss, **diagnostics}
+
+  return train_step
+
+
+def make_train_loop(train_step: Callable, strategy: tf.distribute.Strategy) -> Callable:
+  """A tf.function running `num_steps` steps from a distributed iterator; returns the metrics' mean over them."""
+
+  @tf.function
+  def train_loop(iterator, num_steps: tf.Tensor) -> dict[str, tf.Tensor]:
+    totals = {name: tf.constant(0.0) for name in METRIC_NAMES}
+    for _ in tf.range(num_steps):
+      outputs = strategy.run(train_step, args=(next(iterator),))
+      # The loss is already divided by the global batch: summing replicas gives the global mean.
+      totals = {name: totals[name] + strategy.reduce(
+          tf.distribute.ReduceOp.SUM if name == "loss" else tf.distribute.ReduceOp.MEAN, outputs[name], axis=None)
+                for name in METRIC_NAMES}
+    return {name: value / tf.cast(num_steps, tf.float32) for name, value in totals.items()}
+
+  return train_loop
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+  """The dataset-dependent numbers of a run, fixed once at start."""
+
+  num_instances: int
+  input_shape: tuple[int, int, int]
+  steps_per_epoch: int
+  global_batch_size: int
+
+
+def plan_run(cfg: config_lib.Config, source: data_lib.DataSource) -> RunPlan:
+  num_instances = source.train.num_examples
+  config_lib.validate_against_data(cfg, num_instances=num_instances)
+  size = data_lib.resolve_image_size(source, cfg.data.image_size)
+  return RunPlan(num_instances=num_instances, input_shape=(size, size, source.image_shape[2]),
+                 steps_per_epoch=num_instances // cfg.train.batch_size, global_batch_size=cfg.train.batch_size)
+
+
+def _format_seconds(seconds: float) -> str:
+  minutes, secs = divmod(int(seconds), 60)
+  return f"{minutes // 60}h{minutes % 60:02d}m{secs:02d}s" if minutes >= 60 else f"{minutes}m{secs:02d}s"
+
+
+class _Run:
+  """The Python side of one run: owns the model dir's files, summaries and console output."""
+
+  def __init__(self, cfg: config_lib.Config, strategy: tf.distribute.Strategy,
+               source: data_lib.DataSource | None = None):
+    self.cfg, self.strategy = cfg, strategy
+    self.model_dir = cfg.train.model_dir
+    self.source = source or data_lib.load_source(cfg.data)
+    self.plan = plan_run(cfg, self.source)
+    self.identity = checkpointing.run_identity(
+        dataset=cfg.data.dataset, num_instances=self.plan.num_instances, arch=cfg.model.arch,
+        embedding_dim=cfg.model.embedding_dim, objective=cfg.loss.objective, image_shape=self.plan.input_shape)
+    os.makedirs(self.model_dir, exist_ok=True)
+    checkpointing.check_resume(self.model_dir, self.identity)
+    with strategy.scope():
+      self.state = build_state(cfg, num_instances=self.plan.num_instances, input_shape=self.plan.input_shape,
+                               steps_per_epoch=self.plan.steps_per_epoch)
+    self.manager = checkpointing.make_manager(self.state.checkpoint, self.model_dir,
+                                              max_to_keep=cfg.train.keep_checkpoints)
+    restored = checkpointing.restore_or_initialize(self.manager)
+    self.step = int(self.state.optimizer.iterations.numpy())
+    logging.info("%s at step %d (%s)", "resumed" if restored else "starting", self.step, restored or "no checkpoint")
+    if restored is None and cfg.bank.bank_init == "features":
+      self._initialize_bank_from_features()
+    self._truncate_metrics(self.step // self.plan.steps_per_epoch)
+    checkpointing.save_run_identity(self.model_dir, self.identity)
+    checkpointing.write_json_atomic(os.path.join(self.model_dir, CONFIG_FILE), config_lib.to_dict(cfg))
+    self.evaluator, self.train_labels = self._build_evaluator()
+    self.writer = tf.summary.create_file_writer(os.path.join(self.model_dir, "train"))
+    step_fn = make_train_step(self.state, cfg, global_batch_size=self.plan.global_batch_size)
+    self.train_loop = make_train_loop(step_fn, strategy)
+
+  def _clean_train_features(self) -> np.ndarray:
+    """float32 [N, D]: the train split, un-augmented, through the current network."""
+    train_ds = data_lib.make_eval_dataset(self.source.train, self.cfg.augment, image_size=self.plan.input_shape[0],
+                                          batch_size=self.cfg.eval.eval_batch_size)
+    return knn.compute_embeddings(self.state.model, train_ds)[0]
+
+  def _initialize_bank_from_features(self) -> None:
+    start = time.time()
+    self.state.bank.initialize_from(self._clean_train_features())
+    logging.info("memory bank initialised from the untrained network's features (%s)",
+                 _format_seconds(time.time() - start))
+
+  def _truncate_metrics(self, completed_epochs: int) -> None:
+    """Drops metrics.jsonl lines of epochs after the restored checkpoint: they will be trained, and logged, again."""
+    path = os.path.join(self.model_dir, METRICS_FILE)
+    if not os.path.exists(path):
+      return
+    with open(path) as f:
+      lines = [line for line in f if line.strip() and json.loads(line)["epoch"] <= completed_epochs]
+    with open(f"{path}.tmp", "w") as f:
+      f.writelines(lines)
+    os.replace(f"{path}.tmp", path)
+
+  def _build_evaluator(self) -> tuple[knn.KnnEvaluator | None, np.ndarray | None]:
+    if self.source.eval is None or self.source.num_classes == 0:
+      logging.info("no labelled eval split: kNN evaluation is off")
+      return None, None
+    eval_ds = data_lib.make_eval_dataset(self.source.eval, self.cfg.augment, image_size=self.plan.input_shape[0],
+                                         batch_size=self.cfg.eval.eval_batch_size)
+    labels = data_lib.load_labels(self.source.train)
+    evaluator = knn.KnnEvaluator(eval_ds, labels, k=self.cfg.eval.knn_k, temperature=self.cfg.eval.knn_temperature,
+                                 num_classes=self.source.num_classes)
+    return evaluator, labels
+
+  def _train_epoch(self, epoch: int) -> dict[str, float]:
+    spe, end = self.plan.steps_per_epoch, (epoch + 1) * self.plan.steps_per_epoch
+    dataset = data_lib.make_train_dataset(
+        self.source, self.cfg.data, self.cfg.augment, batch_size=self.plan.global_batch_size,
+        seed=self.cfg.train.seed, epoch=epoch, skip_batches=self.step - epoch * spe)
+    iterator = iter(self.strategy.experimental_distribute_dataset(dataset))
+    sums, count, start = dict.fromkeys(METRIC_NAMES, 0.0), 0, time.time()
+    while self.step < end:
+      num_steps = min(self.cfg.train.steps_per_loop, end - self.step)
+      outputs = {k: float(v) for k, v in self._run_loop(iterator, num_steps).items()}
+      if not math.isfinite(outputs["loss"]):
+        raise FloatingPointError(
+            f"loss is {outputs['loss']} in steps {self.step + 1}..{self.step + num_steps} (epoch {epoch + 1}); "
+            f"stopping. The last good checkpoint is kept: {self.manager.latest_checkpoint}")
+      self.step += num_steps
+      count += num_steps
+      sums = {k: sums[k] + outputs[k] * num_steps for k in METRIC_NAMES}
+      rate = count * self.plan.global_batch_size / (time.time() - start)
+      logging.info("epoch %d/%d step %d/%d loss %.4f lr %.4g %.0f img/s epoch ETA %s", epoch + 1,
+                   self.cfg.train.epochs, self.step - epoch * spe, spe, outputs["loss"], self._lr(),
+                   rate, _format_seconds((end - self.step) * self.plan.global_batch_size / rate))
+    seconds = time.time() - start
+    means = {k: v / max(count, 1) for k, v in sums.items()}
+    return {**means, "seconds": seconds, "images_per_sec": count * self.plan.global_batch_size / max(seconds, 1e-9)}
+
+  def _run_loop(self, iterator, num_steps: int) -> dict[str, tf.Tensor]:
+    try:
+      return self.train_loop(iterator, tf.constant(num_steps))
+    except tf.errors.InvalidArgumentError as e:
+      bad = data_lib.find_undecodable(self.source.train.files, channels=self.source.image_shape[2])
+      if bad is not None:
+        raise ValueError(f"--data_dir: cannot decode image {bad}") from e
+      raise
+
+  def _lr(self) -> float:
+    return float(self.state.optimizer.learning_rate)
+
+  def _evaluate(self, keys: tf.Tensor) -> dict[str, float]:
+    if self.evaluator is None:
+      return {}
+    return dict(self.evaluator.run(self.state.model, keys))
+
+  def _record(self, epoch: int, values: dict[str, Any]) -> None:
+    record = {"epoch": epoch + 1, "step": self.step, "lr": self._lr(), "knn_top1": None, "knn_top5": None, **values}
+    with open(os.path.join(self.model_dir, METRICS_FILE), "a") as f:
+      f.write(json.dumps(record) + "\n")
+    with self.writer.as_default(step=self.step):
+      for name in ("loss", "lr", "normalizer", "positive_similarity", "images_per_sec", "knn_top1", "knn_top5"):
+        if record.get(name) is not None:
+          tf.summary.scalar(f"{'eval' if name.startswith('knn') else 'train'}/{name}", record[name])
+    knn_text = "" if record["knn_top1"] is None else (
+        f" bank kNN top-1 {100 * record['knn_top1']:.2f}% top-5 {100 * record['knn_top5']:.2f}%")
+    logging.info("epoch %d done: loss %.4f%s, %.0f img/s, %s", epoch + 1, record["loss"], knn_text,
+                 record["images_per_sec"], _format_seconds(record["seconds"]))
+
+  def train(self) -> None:
+    cfg, spe = self.cfg, self.plan.steps_per_epoch
+    for epoch in range(self.step // spe, cfg.train.epochs):
+      values = self._train_epoch(epoch)
+      last = epoch + 1 == cfg.train.epochs
+      if self.evaluator is not None and cfg.eval.eval_every_epochs and (
+          (epoch + 1) % cfg.eval.eval_every_epochs == 0 or last):
+        values.update(self._evaluate(tf.convert_to_tensor(self.state.bank.bank)))
+      if (epoch + 1) % cfg.train.checkpoint_every_epochs == 0 or last:
+        self.manager.save(checkpoint_number=self.step)
+      self._record(epoch, values)
+      self.writer.flush()
+
+  def final_evaluation(self) -> dict[str, Any]:
+    """kNN of the eval split against clean recomputed train features (the real number, DESIGN.md)."""
+    if self.evaluator is None or not self.cfg.eval.final_eval:
+      return {}
+    start = time.time()
+    results = self._evaluate(tf.constant(self._clean_train_features()))
+    results = {"epoch": self.step // self.plan.steps_per_epoch, "step": self.step, "knn_k": self.cfg.eval.knn_k,
+               "knn_temperature": self.cfg.eval.knn_temperature, "keys": "clean_train_features", **results,
+               "seconds": time.time() - start}
+    checkpointing.write_json_atomic(os.path.join(self.model_dir, FINAL_METRICS_FILE), results)
+    logging.info("final kNN (k=%d) against clean train features: top-1 %.2f%% top-5 %.2f%%", self.cfg.eval.knn_k,
+                 100 * results["knn_top1"], 100 * results["knn_top5"])
+    return results
+
+
+def run(cfg: config_lib.Config, strategy: tf.distribute.Strategy,
+        source: data_lib.DataSource | None = None) -> dict[str, Any]:
+  """Trains (resuming from cfg.train.model_dir when it holds a checkpoint), then runs the final kNN evaluation.
+
+  Args:
+    cfg: a validated config.
+    strategy: from distribute.make_strategy.
+    source: the data; by default `data.load_source(cfg.data)` (tests and notebooks pass in-memory arrays).
+
+  Returns:
+    The final evaluation results ({} when there is no labelled eval split or final_eval is off).
+
+  Raises:
+    ValueError: bad configuration or data, naming the flag or file; FloatingPointError on a non-finite loss.
+  """
+  config_lib.validate(cfg)
+  current = _Run(cfg, strategy, source)
+  current.train()
+  return current.final_evaluation()

@@ -1,0 +1,136 @@
+"""Trains an instance-discrimination embedding (Wu et al. 2018).
+
+  python train.py --flagfile=fashion_mnist.flags --model_dir=/tmp/npid
+
+Every flag below has the name of a field of tf_instdisc.config; config_from_flags() is where they meet. Running
+again with the same --model_dir resumes from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+
+from absl import app
+from absl import flags
+
+from tf_instdisc import config as config_lib
+
+_HELP = {
+    "dataset": "TFDS name (cifar10, imagenet2012, ...), fashion_mnist (local Debian files first) or folder.",
+    "data_dir": "TFDS data dir (imagenet2012: its manual dir), the image root for --dataset=folder "
+                "(ROOT/train, ROOT/val or ROOT/test), or a directory holding the Fashion-MNIST files.",
+    "max_train_examples": "Use only the first N training images (0 = all).",
+    "image_size": "Side of the square training crops (0 = the dataset's own fixed size).",
+    "image_channels": "Channels to decode folder images to: 1 or 3.",
+    "shuffle_buffer": "Shuffle buffer (0 = the whole dataset: an exact permutation every epoch).",
+    "eval_split": "Split for kNN evaluation: auto (validation, else test), a split name, or '' for none.",
+    "max_eval_examples": "Use only the first N eval images (0 = all).",
+    "crop_scale_min": "Random resized crop: smallest fraction of the image area.",
+    "crop_scale_max": "Random resized crop: largest fraction of the image area.",
+    "color_jitter": "Strength of brightness/contrast/saturation/hue jitter (0 = off).",
+    "grayscale_prob": "Probability of converting an RGB crop to grayscale.",
+    "horizontal_flip": "Random left-right flips.",
+    "eval_crop_fraction": "Centre-crop fraction of evaluation views (0.875 for ImageNet).",
+    "arch": f"Backbone: {', '.join(config_lib.ARCHS)}.",
+    "embedding_dim": "Size D of the L2-normalised embedding.",
+    "head_batchnorm": "Batch-normalise the projection before the L2 norm (not in the paper; faster start).",
+    "mixed_precision": "off, auto (bfloat16 on CPU/TPU, float16 on GPU), bfloat16 or float16. "
+                       "Logits and the bank stay float32.",
+    "bank_init": "Initial memory bank: random (seeded unit rows, the official code) or features (the untrained "
+                 "network's clean features: no random targets in the first epoch; one extra forward pass).",
+    "bank_momentum": "Memory-bank momentum m: v <- normalise(m v + (1 - m) f).",
+    "proximal_lambda": "Weight of the proximal term lambda ||f_i - v_i||^2 (0 = off).",
+    "objective": "nce (NCE with --num_negatives noise samples), softmax (exact non-parametric softmax over the "
+                 "bank) or parametric (a trainable classifier per instance, the baseline).",
+    "temperature": "Softmax temperature tau of the non-parametric objectives.",
+    "num_negatives": "NCE noise samples per example (m in the paper).",
+    "negative_sampling": "shared: one draw of K negatives per replica batch (fast); per_example: K per example.",
+    "exclude_positive": "Drop noise samples that equal the example's own instance.",
+    "normalizer_momentum": "0: NCE normaliser Z fixed from the first global batch (paper); else moving-average rate.",
+    "learning_rate": "Base learning rate of SGD.",
+    "lr_schedule": "step (x lr_decay_factor at --lr_decay_epochs) or cosine.",
+    "lr_decay_epochs": "Epochs at which the step schedule decays.",
+    "lr_decay_factor": "Factor of each step decay.",
+    "warmup_epochs": "Epochs of linear learning-rate warmup.",
+    "momentum": "SGD momentum.",
+    "weight_decay": "Coupled L2 weight decay (added to the gradient, as the paper's PyTorch SGD).",
+    "model_dir": "Directory for checkpoints, config.json, metrics.jsonl and TensorBoard summaries.",
+    "batch_size": "Global batch size, across all replicas.",
+    "epochs": "Training epochs.",
+    "seed": "Seed of the bank, negatives, shuffling and augmentation: same flags, same run.",
+    "steps_per_loop": "Steps per tf.function call and per progress line.",
+    "checkpoint_every_epochs": "Save a checkpoint every N epochs (and at the end).",
+    "keep_checkpoints": "Checkpoints to keep.",
+    "strategy": "auto, default, one_device or mirrored.",
+    "knn_k": "Neighbours of the weighted kNN.",
+    "knn_temperature": "Temperature of the kNN vote weights exp(s / t).",
+    "eval_every_epochs": "kNN against the memory bank every N epochs (0 = never).",
+    "final_eval": "After training, kNN against clean recomputed train features.",
+    "eval_batch_size": "Batch size of evaluation passes.",
+}
+
+
+def _define_flags() -> None:
+  """One flag per config field, typed by the field's default."""
+  for section_type in config_lib.SECTIONS.values():
+    for field in dataclasses.fields(section_type):
+      name, default, help_text = field.name, field.default, _HELP[field.name]
+      if isinstance(default, bool):
+        flags.DEFINE_bool(name, default, help_text)
+      elif isinstance(default, int):
+        flags.DEFINE_integer(name, default, help_text)
+      elif isinstance(default, float):
+        flags.DEFINE_float(name, default, help_text)
+      elif isinstance(default, tuple):
+        flags.DEFINE_list(name, [str(v) for v in default], help_text)
+      else:
+        flags.DEFINE_string(name, default, help_text)
+
+
+_define_flags()
+FLAGS = flags.FLAGS
+
+
+def config_from_flags() -> config_lib.Config:
+  """The only place where flag names meet config field names (they are the same names)."""
+  sections = {}
+  for section_name, section_type in config_lib.SECTIONS.items():
+    values = {}
+    for field in dataclasses.fields(section_type):
+      value = FLAGS[field.name].value
+      if isinstance(field.default, tuple):
+        try:
+          value = tuple(int(v) for v in value)
+        except ValueError as e:
+          raise ValueError(f"--{field.name}: expected comma-separated integers, got {value}") from e
+      values[field.name] = value
+    sections[section_name] = section_type(**values)
+  return config_lib.validate(config_lib.Config(**sections))
+
+
+def main(argv: list[str]) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:
+    cfg = config_from_flags()
+  except ValueError as e:
+    print(f"train.py: {e}", file=sys.stderr)
+    return 2
+  # TensorFlow is imported after flag parsing, so --help and flag errors answer at once.
+  from tf_instdisc import distribute
+  from tf_instdisc import train_lib
+
+  os.makedirs(cfg.train.model_dir, exist_ok=True)
+  FLAGS.append_flags_into_file(os.path.join(cfg.train.model_dir, "flags.txt"))
+  try:
+    train_lib.run(cfg, distribute.make_strategy(cfg.train.strategy))
+  except (ValueError, FloatingPointError) as e:
+    print(f"train.py: {e}", file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(main)
