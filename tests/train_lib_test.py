@@ -1,0 +1,232 @@
+"""Tests of the train step, the multi-step loop and the run loop on tiny in-memory data."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from tests import testing
+
+import numpy as np
+import tensorflow as tf
+from absl.testing import parameterized
+
+from tf_instdisc import data as data_lib
+from tf_instdisc import distribute
+from tf_instdisc import objectives
+from tf_instdisc import train_lib
+
+
+def _build(cfg, source, strategy=None):
+  strategy = strategy or tf.distribute.get_strategy()
+  plan = train_lib.plan_run(cfg, source)
+  with strategy.scope():
+    state = train_lib.build_state(cfg, num_instances=plan.num_instances, input_shape=plan.input_shape,
+                                  steps_per_epoch=plan.steps_per_epoch)
+  return state, plan
+
+
+def _first_batch(cfg, source, plan):
+  ds = data_lib.make_train_dataset(source, cfg.data, cfg.augment, batch_size=plan.global_batch_size,
+                                   seed=cfg.train.seed, epoch=0)
+  return next(iter(ds))
+
+
+def _read_metrics(model_dir):
+  with open(os.path.join(model_dir, train_lib.METRICS_FILE)) as f:
+    return [json.loads(line) for line in f]
+
+
+class TrainStepTest(tf.test.TestCase, parameterized.TestCase):
+
+  def test_loss_reads_the_bank_before_the_step_writes_it(self):
+    cfg = testing.tiny_config(objective="softmax", temperature=0.1, bank_momentum=0.5)
+    source = testing.tiny_source()
+    state, plan = _build(cfg, source)
+    batch = _first_batch(cfg, source, plan)
+    ids = batch[data_lib.ID_KEY]
+    old_bank = state.bank.bank.numpy()
+    features = state.model(batch[data_lib.IMAGE_KEY], training=True).numpy()
+    step = tf.function(train_lib.make_train_step(state, cfg, global_batch_size=plan.global_batch_size))
+    loss = float(step(batch)["loss"])
+    new_bank = state.bank.bank.numpy()
+
+    def softmax_loss(bank):
+      return float(tf.reduce_mean(objectives.softmax_instance_loss(features @ bank.T, ids, temperature=0.1)))
+
+    expected_rows = 0.5 * old_bank[ids.numpy()] + 0.5 * features
+    expected_rows /= np.linalg.norm(expected_rows, axis=1, keepdims=True)
+    self.assertAllClose(new_bank[ids.numpy()], expected_rows, atol=1e-5)
+    untouched = np.setdiff1d(np.arange(plan.num_instances), ids.numpy())
+    self.assertAllEqual(new_bank[untouched], old_bank[untouched])
+    self.assertAllClose(loss, softmax_loss(old_bank), atol=1e-5)
+    self.assertGreater(abs(loss - softmax_loss(new_bank)), 1e-3)
+
+  def test_nce_normalizer_fixed_from_first_batch(self):
+    cfg = testing.tiny_config(objective="nce", num_negatives=16, normalizer_momentum=0.0)
+    source = testing.tiny_source()
+    state, plan = _build(cfg, source)
+    step = tf.function(train_lib.make_train_step(state, cfg, global_batch_size=plan.global_batch_size))
+    batch = _first_batch(cfg, source, plan)
+    self.assertLess(float(state.bank.normalizer), 0.0)
+    first = float(step(batch)["normalizer"])
+    self.assertGreater(first, 0.0)
+    self.assertEqual(float(state.bank.normalizer), first)
+    for _ in range(3):
+      self.assertEqual(float(step(batch)["normalizer"]), first)
+
+  def test_nce_normalizer_moving_average_changes(self):
+    cfg = testing.tiny_config(objective="nce", num_negatives=16, normalizer_momentum=0.5)
+    source = testing.tiny_source()
+    state, plan = _build(cfg, source)
+    step = tf.function(train_lib.make_train_step(state, cfg, global_batch_size=plan.global_batch_size))
+    batch = _first_batch(cfg, source, plan)
+    values = [float(step(batch)["normalizer"]) for _ in range(4)]
+    self.assertGreater(len(set(values)), 1)
+
+  def test_negatives_repeat_for_the_same_seed_and_step(self):
+    cfg = testing.tiny_config(objective="nce", num_negatives=8)
+    source = testing.tiny_source()
+    losses = []
+    for _ in range(2):
+      state, plan = _build(cfg, source)
+      step = tf.function(train_lib.make_train_step(state, cfg, global_batch_size=plan.global_batch_size))
+      losses.append(float(step(_first_batch(cfg, source, plan))["loss"]))
+    self.assertEqual(losses[0], losses[1])
+
+  @parameterized.named_parameters(
+      ("nce_shared", dict(objective="nce", negative_sampling="shared")),
+      ("nce_per_example", dict(objective="nce", negative_sampling="per_example")),
+      ("nce_exclude_positive", dict(objective="nce", exclude_positive=True)),
+      ("nce_moving_z", dict(objective="nce", normalizer_momentum=0.9)),
+      ("softmax", dict(objective="softmax")),
+      ("parametric", dict(objective="parametric")),
+      ("proximal", dict(objective="softmax", proximal_lambda=0.1, bank_momentum=0.0)),
+      ("bfloat16", dict(mixed_precision="bfloat16")),
+      ("float16", dict(mixed_precision="float16")),
+      ("cosine_warmup", dict(lr_schedule="cosine", warmup_epochs=1)),
+  )
+  def test_every_mode_trains_with_finite_loss(self, overrides):
+    cfg = testing.tiny_config(**overrides)
+    source = testing.tiny_source()
+    state, plan = _build(cfg, source)
+    loop = train_lib.make_train_loop(
+        train_lib.make_train_step(state, cfg, global_batch_size=plan.global_batch_size), tf.distribute.get_strategy())
+    ds = data_lib.make_train_dataset(source, cfg.data, cfg.augment, batch_size=16, seed=0, epoch=0)
+    before = [v.numpy() for v in state.model.trainable_variables]
+    outputs = loop(iter(ds), tf.constant(3))
+    self.assertTrue(np.isfinite(float(outputs["loss"])))
+    changed = [not np.array_equal(b, v.numpy()) for b, v in zip(before, state.model.trainable_variables)]
+    self.assertTrue(any(changed))
+    norms = np.linalg.norm(state.bank.bank.numpy(), axis=1)
+    self.assertAllClose(norms, np.ones_like(norms), atol=1e-5)
+
+  def test_train_loop_traces_once(self):
+    cfg = testing.tiny_config()
+    source = testing.tiny_source()
+    state, plan = _build(cfg, source)
+    loop = train_lib.make_train_loop(
+        train_lib.make_train_step(state, cfg, global_batch_size=plan.global_batch_size), tf.distribute.get_strategy())
+    for epoch in range(3):
+      ds = data_lib.make_train_dataset(source, cfg.data, cfg.augment, batch_size=16, seed=0, epoch=epoch)
+      loop(iter(ds), tf.constant(1 + epoch))
+    self.assertEqual(loop.experimental_get_tracing_count(), 1)
+
+  def test_two_replicas_keep_identical_banks(self):
+    strategy = testing.two_replica_strategy()
+    cfg = testing.tiny_config(objective="nce", num_negatives=8)
+    source = testing.tiny_source()
+    state, plan = _build(cfg, source, strategy)
+    loop = train_lib.make_train_loop(
+        train_lib.make_train_step(state, cfg, global_batch_size=plan.global_batch_size), strategy)
+    ds = data_lib.make_train_dataset(source, cfg.data, cfg.augment, batch_size=16, seed=0, epoch=0)
+    initial = state.bank.bank.values[0].numpy()
+    outputs = loop(iter(strategy.experimental_distribute_dataset(ds)), tf.constant(4))
+    self.assertTrue(np.isfinite(float(outputs["loss"])))
+    copies = [v.numpy() for v in state.bank.bank.values]
+    self.assertLen(copies, 2)
+    self.assertAllEqual(copies[0], copies[1])
+    self.assertFalse(np.array_equal(copies[0], initial))
+    self.assertEqual(float(state.bank.normalizer.values[0]), float(state.bank.normalizer.values[1]))
+
+
+class RunTest(tf.test.TestCase):
+
+  def test_run_writes_metrics_and_final_evaluation(self):
+    model_dir = self.create_tempdir().full_path
+    cfg = testing.tiny_config(model_dir, objective="softmax", epochs=3, temperature=0.1)
+    results = train_lib.run(cfg, distribute.make_strategy("one_device"), source=testing.tiny_source())
+    records = _read_metrics(model_dir)
+    self.assertEqual([r["epoch"] for r in records], [1, 2, 3])
+    for record in records:
+      for key in ("epoch", "loss", "knn_top1", "knn_top5", "images_per_sec", "seconds", "lr"):
+        self.assertIsNotNone(record[key], key)
+    self.assertLess(records[-1]["loss"], records[0]["loss"])
+    for name in (train_lib.CONFIG_FILE, "run.json", train_lib.FINAL_METRICS_FILE):
+      self.assertTrue(os.path.exists(os.path.join(model_dir, name)), name)
+    self.assertBetween(results["knn_top1"], 0.0, 1.0)
+    self.assertGreaterEqual(results["knn_top5"], results["knn_top1"])
+    self.assertNotEmpty(tf.io.gfile.glob(os.path.join(model_dir, "train", "events.out.tfevents.*")))
+
+  def test_tfds_cifar10_and_imagenet_paths_train_end_to_end(self):
+    import tensorflow_datasets as tfds
+
+    for dataset, extra in (("cifar10", {}), ("imagenet2012", {"image_size": 24, "eval_crop_fraction": 0.875})):
+      with self.subTest(dataset), tfds.testing.mock_data(num_examples=32):
+        model_dir = self.create_tempdir().full_path
+        cfg = testing.tiny_config(model_dir, dataset=dataset, max_train_examples=0, max_eval_examples=0, epochs=1,
+                                  **extra)
+        results = train_lib.run(cfg, distribute.make_strategy("one_device"))
+        self.assertBetween(results["knn_top1"], 0.0, 1.0)
+        with open(os.path.join(model_dir, "run.json")) as f:
+          self.assertEqual(json.load(f)["num_instances"], 32)
+
+  def test_resume_continues_exactly(self):
+    source = testing.tiny_source()
+    straight_dir, split_dir = self.create_tempdir().full_path, self.create_tempdir().full_path
+    strategy = distribute.make_strategy("one_device")
+    train_lib.run(testing.tiny_config(straight_dir, epochs=3, final_eval=False), strategy, source=source)
+    train_lib.run(testing.tiny_config(split_dir, epochs=1, final_eval=False), strategy, source=source)
+    train_lib.run(testing.tiny_config(split_dir, epochs=3, final_eval=False), strategy, source=source)
+    straight, split = _read_metrics(straight_dir), _read_metrics(split_dir)
+    self.assertEqual([r["epoch"] for r in split], [1, 2, 3])
+    self.assertAllClose([r["loss"] for r in straight], [r["loss"] for r in split], rtol=1e-5)
+
+    def bank_of(model_dir):
+      reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints")))
+      return reader.get_tensor("bank/bank/.ATTRIBUTES/VARIABLE_VALUE"), reader.get_tensor(
+          "optimizer/iterations/.ATTRIBUTES/VARIABLE_VALUE")
+
+    (bank_a, step_a), (bank_b, step_b) = bank_of(straight_dir), bank_of(split_dir)
+    self.assertEqual(step_a, step_b)
+    self.assertAllClose(bank_a, bank_b, atol=1e-5)
+
+  def test_nan_loss_stops_and_keeps_last_good_checkpoint(self):
+    model_dir = self.create_tempdir().full_path
+    source = testing.tiny_source()
+    strategy = distribute.make_strategy("one_device")
+    train_lib.run(testing.tiny_config(model_dir, epochs=1, final_eval=False), strategy, source=source)
+    good = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
+    with self.assertRaisesRegex(FloatingPointError, r"steps \d+\.\.\d+ .*last good checkpoint is kept"):
+      train_lib.run(testing.tiny_config(model_dir, epochs=3, learning_rate=1e30, final_eval=False), strategy,
+                    source=source)
+    self.assertEqual(tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints")), good)
+
+  def test_resume_refuses_a_different_run(self):
+    model_dir = self.create_tempdir().full_path
+    strategy = distribute.make_strategy("one_device")
+    train_lib.run(testing.tiny_config(model_dir, epochs=1, final_eval=False), strategy, source=testing.tiny_source())
+    cases = [
+        ("max_train_examples", testing.tiny_config(model_dir, epochs=2), testing.tiny_source(n=48)),
+        ("arch", testing.tiny_config(model_dir, epochs=2, arch="resnet18_cifar"), testing.tiny_source()),
+        ("embedding_dim", testing.tiny_config(model_dir, epochs=2, embedding_dim=8), testing.tiny_source()),
+    ]
+    for flag, cfg, source in cases:
+      with self.subTest(flag):
+        with self.assertRaisesRegex(ValueError, f"--{flag}"):
+          train_lib.run(cfg, strategy, source=source)
+    self.assertLen(_read_metrics(model_dir), 1)
+
+
+if __name__ == "__main__":
+  tf.test.main()
