@@ -39,7 +39,7 @@ def top_k_neighbors(queries: tf.Tensor, keys: tf.Tensor, *, k: int, chunk_size: 
     ids = tf.cast(ids, tf.int64) + start
     if best_scores is not None:
       scores, ids = tf.concat([best_scores, scores], 1), tf.concat([best_ids, ids], 1)
-      scores, order = tf.math.top_k(scores, k=k)
+      scores, order = tf.math.top_k(scores, k=min(k, int(scores.shape[1])))
       ids = tf.gather(ids, order, batch_dims=1)
     best_scores, best_ids = scores, ids
   return best_scores, best_ids
