@@ -1,0 +1,102 @@
+"""Learning-rate schedules at their boundaries against hand-computed tables."""
+
+from tests import testing  # noqa: F401  # First: splits the CPU before TensorFlow starts.
+
+# isort: split
+
+import keras
+import tensorflow as tf
+from absl.testing import parameterized
+
+from tf_instdisc import config as config_lib
+from tf_instdisc import schedules
+
+# cos(pi / 4) = 0.70710678: 0.05 * (1 + 0.70710678) = 0.085355339, 0.05 * (1 - 0.70710678) = 0.014644661.
+_TABLES = {
+    # base 0.1, 100 steps, x0.1 at steps 30 and 60.
+    "step": ({"kind": "step", "boundaries": (30, 60), "warmup_steps": 0},
+             {0: 0.1, 1: 0.1, 29: 0.1, 30: 0.01, 59: 0.01, 60: 0.001, 99: 0.001, 150: 0.001}),
+    # Warmup: base * (step + 1) / 10 for step < 10.
+    "step_warmup": ({"kind": "step", "boundaries": (30, 60), "warmup_steps": 10},
+                    {0: 0.01, 4: 0.05, 8: 0.09, 9: 0.1, 10: 0.1, 29: 0.1, 30: 0.01, 60: 0.001}),
+    "step_no_boundaries": ({"kind": "step", "boundaries": (), "warmup_steps": 0}, {0: 0.1, 50: 0.1, 1000: 0.1}),
+    # 0.05 * (1 + cos(pi * step / 100)), flat at 0 past the end.
+    "cosine": ({"kind": "cosine", "warmup_steps": 0},
+               {0: 0.1, 25: 0.085355339, 50: 0.05, 75: 0.014644661, 100: 0.0, 120: 0.0}),
+    # Warmup 20 steps, then a half cosine over the remaining 80: midpoint at step 60.
+    "cosine_warmup": ({"kind": "cosine", "warmup_steps": 20},
+                      {0: 0.005, 9: 0.05, 19: 0.1, 20: 0.1, 40: 0.085355339, 60: 0.05, 80: 0.014644661, 100: 0.0}),
+}
+
+
+def _cases():
+  for name, (kwargs, table) in _TABLES.items():
+    for step, expected in table.items():
+      yield {"testcase_name": f"{name}_step{step}", "kwargs": kwargs, "step": step, "expected": expected}
+
+
+class WarmupStepCosineTest(tf.test.TestCase, parameterized.TestCase):
+
+  @parameterized.named_parameters(*_cases())
+  def test_table(self, kwargs, step, expected):
+    schedule = schedules.WarmupStepCosine(0.1, total_steps=100, **kwargs)
+    self.assertAllClose(schedule(step), expected, rtol=1e-5, atol=1e-8)
+
+  @parameterized.named_parameters(("step", "step"), ("cosine", "cosine"))
+  def test_int64_step_in_tf_function_traces_once(self, kind):
+    schedule = schedules.WarmupStepCosine(0.1, total_steps=100, warmup_steps=10, kind=kind, boundaries=(30, 60))
+    function = tf.function(schedule)
+    values = [float(function(tf.constant(step, tf.int64))) for step in (0, 10, 50)]
+    self.assertAllClose(values, [float(schedule(0)), float(schedule(10)), float(schedule(50))])
+    self.assertEqual(function.experimental_get_tracing_count(), 1)
+
+  def test_factor(self):
+    schedule = schedules.WarmupStepCosine(1.0, total_steps=10, kind="step", boundaries=(2, 4), factor=0.5)
+    self.assertAllClose([schedule(s) for s in range(6)], [1.0, 1.0, 0.5, 0.5, 0.25, 0.25])
+
+  def test_config_round_trip(self):
+    schedule = schedules.WarmupStepCosine(0.2, total_steps=50, warmup_steps=5, kind="step", boundaries=(20, 40),
+                                          factor=0.3)
+    rebuilt = schedules.WarmupStepCosine.from_config(schedule.get_config())
+    self.assertAllClose([rebuilt(s) for s in (0, 4, 5, 20, 40)], [schedule(s) for s in (0, 4, 5, 20, 40)])
+
+  def test_drives_an_optimizer(self):
+    schedule = schedules.WarmupStepCosine(0.1, total_steps=100, kind="step", boundaries=(2,))
+    optimizer = keras.optimizers.SGD(learning_rate=schedule)
+    variable = tf.Variable(1.0)
+    values = []
+    for _ in range(3):
+      values.append(float(optimizer.learning_rate))
+      optimizer.apply_gradients([(tf.constant(0.0), variable)])
+    self.assertAllClose(values, [0.1, 0.1, 0.01])
+
+
+class BuildLrScheduleTest(tf.test.TestCase, parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      # 10 steps per epoch, 200 epochs, decay at epochs 120 and 160 = steps 1200 and 1600.
+      {"testcase_name": "paper_step", "overrides": {},
+       "expected": {0: 0.03, 1199: 0.03, 1200: 0.003, 1599: 0.003, 1600: 0.0003, 1999: 0.0003}},
+      {"testcase_name": "step_warmup", "overrides": {"warmup_epochs": 5},
+       "expected": {0: 0.0006, 24: 0.015, 49: 0.03, 50: 0.03, 1200: 0.003}},
+      # Cosine over steps 50..2000: the midpoint is step 1025.
+      {"testcase_name": "cosine_warmup", "overrides": {"lr_schedule": "cosine", "warmup_epochs": 5},
+       "expected": {0: 0.0006, 49: 0.03, 50: 0.03, 1025: 0.015, 2000: 0.0}},
+      {"testcase_name": "cosine", "overrides": {"lr_schedule": "cosine"},
+       "expected": {0: 0.03, 1000: 0.015, 2000: 0.0}},
+      # A decay epoch past the end is never reached.
+      {"testcase_name": "decay_past_end", "overrides": {"lr_decay_epochs": (100, 300)},
+       "expected": {999: 0.03, 1000: 0.003, 1999: 0.003}},
+  )
+  def test_table(self, overrides, expected):
+    fields = {"learning_rate": 0.03, "lr_decay_epochs": (120, 160), "lr_decay_factor": 0.1}
+    cfg = config_lib.OptimConfig(**{**fields, **overrides})
+    schedule = schedules.build_lr_schedule(cfg, steps_per_epoch=10, epochs=200)
+    self.assertIsInstance(schedule, schedules.WarmupStepCosine)
+    self.assertEqual(schedule.total_steps, 2000)
+    steps = sorted(expected)
+    self.assertAllClose([schedule(s) for s in steps], [expected[s] for s in steps], rtol=1e-5, atol=1e-9)
+
+
+if __name__ == "__main__":
+  tf.test.main()
