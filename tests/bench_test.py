@@ -1,0 +1,66 @@
+"""bench/train_step_bench.py: the --quick smoke run writes a complete JSON report; bad flags fail fast."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import tensorflow as tf
+
+from tests import testing
+
+SCRIPT = os.path.join("bench", "train_step_bench.py")
+OBJECTIVES = ("nce", "softmax", "parametric")
+PRECISIONS = ("fp32", "bf16")
+ROW_KEYS = ("arch", "precision", "objective", "bank_size", "batch_size", "images_per_sec", "encoder_images_per_sec",
+            "head_bank_share", "step_seconds", "encoder_step_seconds", "steps_per_repeat", "repeats", "loss")
+# A hang guard, not the budget: --quick takes well under a minute on a quiet 2-core machine.
+TIMEOUT_SECONDS = 300
+
+
+def run_bench(*args: str) -> subprocess.CompletedProcess:
+  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
+  return subprocess.run([testing.python(), SCRIPT, *args], cwd=testing.REPO_ROOT, env=env, capture_output=True,
+                        text=True, timeout=TIMEOUT_SECONDS, check=False)
+
+
+class TrainStepBenchTest(tf.test.TestCase):
+
+  def test_quick_writes_every_config_with_positive_rates(self):
+    output = os.path.join(self.get_temp_dir(), "results", "train_step.json")
+    result = run_bench("--quick", f"--output={output}")
+    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    with open(output) as f:
+      report = json.load(f)
+    for key in ("cpu_count", "tensorflow", "date", "load_average_at_start"):
+      self.assertIn(key, report["machine"])
+    self.assertEqual(report["machine"]["tensorflow"], tf.__version__)
+    self.assertIn("input cost ~0", report["input"])
+    self.assertEqual(report["official_pytorch_reference"]["images_per_sec"], [51.0, 56.0])
+    self.assertTrue(report["settings"]["quick"])
+    rows = report["results"]
+    self.assertCountEqual([(r["objective"], r["precision"]) for r in rows],
+                          [(o, p) for o in OBJECTIVES for p in PRECISIONS])
+    for row in rows:
+      self.assertNotIn("error", row)
+      for key in ROW_KEYS:
+        self.assertIn(key, row)
+      self.assertEqual((row["arch"], row["bank_size"]), ("convnet_small", 1000))
+      self.assertGreater(row["images_per_sec"], 0.0)
+      self.assertGreater(row["encoder_images_per_sec"], 0.0)
+      self.assertLess(row["head_bank_share"], 1.0)
+      self.assertTrue(row["loss_finite"])
+    self.assertIn("| arch | precision | objective | bank rows |", result.stdout)
+    self.assertIn("QUOTED from another run, not measured here", result.stdout)
+
+  def test_bad_flag_fails_before_measuring(self):
+    output = os.path.join(self.get_temp_dir(), "bad.json")
+    result = run_bench("--quick", "--num_negatives=5000", f"--output={output}")
+    self.assertEqual(result.returncode, 2)
+    self.assertIn("--num_negatives", result.stderr)
+    self.assertFalse(os.path.exists(output))
+
+
+if __name__ == "__main__":
+  tf.test.main()
