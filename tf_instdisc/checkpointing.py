@@ -42,8 +42,8 @@ def restore_or_initialize(manager: tf.train.CheckpointManager) -> str | None:
     return None
   try:
     manager.checkpoint.restore(path).assert_existing_objects_matched()
-  except (tf.errors.OpError, AssertionError, ValueError) as e:
-    raise ValueError(f"cannot restore checkpoint {path}: {e}") from e
+  except (tf.errors.OpError, AssertionError, ValueError, IndexError) as e:  # IndexError: a truncated data file.
+    raise ValueError(f"cannot restore checkpoint {path} (corrupt, or from another run): {e}") from e
   return path
 
 

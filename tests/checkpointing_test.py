@@ -1,0 +1,110 @@
+"""One checkpoint of all state: bit-exact round trip, resume checks, corrupt files."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+from tests import testing
+
+import numpy as np
+import tensorflow as tf
+from absl.testing import absltest
+
+from tf_instdisc import checkpointing
+from tf_instdisc import train_lib
+
+_IDENTITY = dict(dataset="tiny", num_instances=64, arch="convnet_small", embedding_dim=16, objective="nce",
+                 image_shape=(8, 8, 1))
+
+
+def _state(cfg):
+  return train_lib.build_state(cfg, num_instances=64, input_shape=(8, 8, 1), steps_per_epoch=4)
+
+
+class RoundTripTest(tf.test.TestCase):
+
+  def test_save_restore_is_bit_exact_for_every_piece_of_state(self):
+    model_dir = self.get_temp_dir()
+    cfg = testing.tiny_config(model_dir, objective="parametric")
+    saved = _state(cfg)
+    saved.bank.bank.assign(tf.random.stateless_normal([64, 16], seed=[1, 2]))
+    saved.bank.normalizer.assign(123.25)
+    saved.optimizer.iterations.assign(17)
+    for variable in saved.optimizer.variables:
+      if "float" in str(variable.dtype):
+          variable.assign(tf.random.stateless_normal(variable.shape, seed=[3, 4], dtype=variable.dtype))
+    manager = checkpointing.make_manager(saved.checkpoint, model_dir, max_to_keep=2)
+    manager.save(checkpoint_number=17)
+
+    restored = _state(testing.tiny_config(model_dir, objective="parametric", seed=9))
+    path = checkpointing.restore_or_initialize(checkpointing.make_manager(restored.checkpoint, model_dir,
+                                                                          max_to_keep=2))
+    self.assertEndsWith(path, "ckpt-17")
+    self.assertAllEqual(restored.bank.bank, saved.bank.bank)
+    self.assertEqual(float(restored.bank.normalizer), 123.25)
+    self.assertEqual(int(restored.optimizer.iterations), 17)
+    for mine, theirs in zip(restored.model.weights, saved.model.weights, strict=True):
+      self.assertAllEqual(mine, theirs)
+    for mine, theirs in zip(restored.optimizer.variables, saved.optimizer.variables, strict=True):
+      self.assertAllEqual(mine, theirs)
+    self.assertAllEqual(restored.classifier.kernel, saved.classifier.kernel)
+
+  def test_fresh_dir_restores_nothing(self):
+    cfg = testing.tiny_config(self.get_temp_dir())
+    state = _state(cfg)
+    manager = checkpointing.make_manager(state.checkpoint, os.path.join(self.get_temp_dir(), "empty"), max_to_keep=1)
+    self.assertIsNone(checkpointing.restore_or_initialize(manager))
+
+  def test_corrupt_checkpoint_names_it(self):
+    model_dir = self.get_temp_dir()
+    cfg = testing.tiny_config(model_dir)
+    manager = checkpointing.make_manager(_state(cfg).checkpoint, model_dir, max_to_keep=1)
+    manager.save(checkpoint_number=1)
+    for path in glob.glob(os.path.join(model_dir, "checkpoints", "ckpt-1.data-*")):
+      with open(path, "wb") as f:
+        f.write(b"garbage")
+    other = checkpointing.make_manager(_state(cfg).checkpoint, model_dir, max_to_keep=1)
+    with self.assertRaisesRegex(ValueError, "ckpt-1"):
+      checkpointing.restore_or_initialize(other)
+
+
+class ResumeCheckTest(tf.test.TestCase):
+
+  def test_same_identity_passes_and_each_difference_names_its_flag(self):
+    model_dir = self.get_temp_dir()
+    identity = checkpointing.run_identity(**_IDENTITY)
+    checkpointing.save_run_identity(model_dir, identity)
+    checkpointing.check_resume(model_dir, identity)
+    for field, value, flag in (("dataset", "other", "--dataset"), ("num_instances", 65, "--max_train_examples"),
+                               ("arch", "resnet18", "--arch"), ("embedding_dim", 32, "--embedding_dim"),
+                               ("objective", "softmax", "--objective"), ("image_shape", (9, 9, 1), "--image_size")):
+      with self.subTest(field):
+        with self.assertRaisesRegex(ValueError, flag):
+          checkpointing.check_resume(model_dir, checkpointing.run_identity(**{**_IDENTITY, field: value}))
+
+  def test_bank_shape_in_checkpoint_is_checked_without_run_file(self):
+    model_dir = self.get_temp_dir()
+    cfg = testing.tiny_config(model_dir)
+    checkpointing.make_manager(_state(cfg).checkpoint, model_dir, max_to_keep=1).save(checkpoint_number=1)
+    with self.assertRaisesRegex(ValueError, r"--max_train_examples/--embedding_dim: .*\[64, 16\]"):
+      checkpointing.check_resume(model_dir, checkpointing.run_identity(**{**_IDENTITY, "num_instances": 80}))
+
+  def test_unreadable_run_file_is_named(self):
+    model_dir = self.get_temp_dir()
+    with open(os.path.join(model_dir, checkpointing.RUN_FILE), "w") as f:
+      f.write("{not json")
+    with self.assertRaisesRegex(ValueError, checkpointing.RUN_FILE):
+      checkpointing.check_resume(model_dir, checkpointing.run_identity(**_IDENTITY))
+
+  def test_write_json_atomic_leaves_no_temporary_file(self):
+    path = os.path.join(self.get_temp_dir(), "x.json")
+    checkpointing.write_json_atomic(path, {"a": np.float64(1.5).item()})
+    with open(path) as f:
+      self.assertEqual(json.load(f), {"a": 1.5})
+    self.assertFalse(os.path.exists(path + ".tmp"))
+
+
+if __name__ == "__main__":
+  tf.test.main()
