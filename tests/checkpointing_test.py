@@ -10,7 +10,6 @@ from tests import testing
 
 import numpy as np
 import tensorflow as tf
-from absl.testing import absltest
 
 from tf_instdisc import checkpointing
 from tf_instdisc import train_lib
