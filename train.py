@@ -118,7 +118,9 @@ def main(argv: list[str]) -> int:
   except ValueError as e:
     print(f"train.py: {e}", file=sys.stderr)
     return 2
-  # TensorFlow is imported after flag parsing, so --help and flag errors answer at once.
+  # TensorFlow is imported after flag parsing, so --help and flag errors answer at once. Its C++ INFO lines
+  # (end-of-sequence notes of every epoch's iterator) would drown the progress lines: keep warnings and errors.
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
   from tf_instdisc import distribute
   from tf_instdisc import train_lib
 
