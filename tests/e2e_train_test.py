@@ -108,7 +108,7 @@ class BadInputTest(absltest.TestCase):
 
   def test_too_many_negatives(self):
     self._assert_fails_naming("--num_negatives", f"--model_dir={self.create_tempdir().full_path}",
-                              "--num_negatives=512")
+                              "--objective=nce", "--num_negatives=1024")
 
   def test_empty_image_folder(self):
     root = self.create_tempdir()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import sys
 
@@ -69,8 +70,14 @@ def replace(cfg: config_lib.Config, **overrides) -> config_lib.Config:
   return cfg
 
 
+@functools.cache
 def two_replica_strategy() -> tf.distribute.MirroredStrategy:
-  """MirroredStrategy over two logical CPUs (set up when this module is imported)."""
+  """MirroredStrategy over two logical CPUs (set up when this module is imported), one per process.
+
+  One shared object: each new MirroredStrategy numbers its collective instances from the same start, and the
+  process-wide collective executor then refuses a second strategy's all-gather of another dtype under a key that
+  an earlier one used ("expected ... data_type 1 but got ... data_type 9").
+  """
   return tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(NUM_LOGICAL_CPUS)])
 
 

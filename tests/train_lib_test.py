@@ -195,7 +195,7 @@ class RunTest(tf.test.TestCase):
     def bank_of(model_dir):
       reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints")))
       return reader.get_tensor("bank/bank/.ATTRIBUTES/VARIABLE_VALUE"), reader.get_tensor(
-          "optimizer/iterations/.ATTRIBUTES/VARIABLE_VALUE")
+          "optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE")
 
     (bank_a, step_a), (bank_b, step_b) = bank_of(straight_dir), bank_of(split_dir)
     self.assertEqual(step_a, step_b)
