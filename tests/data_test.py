@@ -626,7 +626,7 @@ class EvalDatasetTest(tf.test.TestCase, parameterized.TestCase):
     self.assertEqual(data.load_labels(self.source.train).dtype, np.int64)
 
   def test_load_labels_without_make_labels(self):
-    split = data.Split(make=self.source.eval.make, num_examples=10)
+    split = data.Split(make_raw=self.source.eval.make, num_examples=10)
     self.assertAllEqual(data.load_labels(split), self.eval_labels)
 
 
@@ -643,7 +643,7 @@ class ResolveImageSizeTest(tf.test.TestCase, parameterized.TestCase):
       ("non_square", (8, 6, 3)),
   )
   def test_errors_name_flag(self, image_shape):
-    source = data.DataSource(name="x", train=data.Split(make=None, num_examples=1), eval=None,
+    source = data.DataSource(name="x", train=data.Split(make_raw=None, num_examples=1), eval=None,
                              image_shape=image_shape, num_classes=0)
     with self.assertRaisesRegex(ValueError, "--image_size"):
       data.resolve_image_size(source, 0)

@@ -30,14 +30,29 @@ _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
 _MAX_CACHED_BYTES = 4 << 30  # Fixed-size splits smaller than this are decoded once and kept in memory.
 
 
+def _identity(image: tf.Tensor) -> tf.Tensor:
+  return image
+
+
 @dataclasses.dataclass(frozen=True)
 class Split:
-  """One split in a fixed order. `make()` yields {"image": uint8 [H, W, C], "label": int64} unbatched."""
+  """One split in a fixed order.
 
-  make: Callable[[], tf.data.Dataset]
+  `make_raw()` yields {"image": stored form, "label": int64}: uint8 pixels, encoded bytes or a file path; `decode`
+  turns the stored form into uint8 [H, W, C]. Pipelines shuffle the stored form and decode afterwards, so a
+  shuffle buffer holds file paths or JPEG bytes, not decoded ImageNet images.
+  """
+
+  make_raw: Callable[[], tf.data.Dataset]
   num_examples: int
+  decode: Callable[[tf.Tensor], tf.Tensor] = _identity
   files: tuple[str, ...] = ()  # For image folders: the file of each example, in order.
   make_labels: Callable[[], tf.data.Dataset] | None = None  # Labels only, without decoding images.
+
+  def make(self) -> tf.data.Dataset:
+    """{"image": uint8 [H, W, C], "label": int64} in order, decoded."""
+    return self.make_raw().map(lambda ex: {**ex, IMAGE_KEY: self.decode(ex[IMAGE_KEY])},
+                               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,8 +87,8 @@ def _take(split: Split, count: int) -> Split:
   if count == 0 or count >= split.num_examples:
     return split
   make_labels = split.make_labels and (lambda: split.make_labels().take(count))
-  return Split(make=lambda: split.make().take(count), num_examples=count, files=split.files[:count],
-               make_labels=make_labels)
+  return dataclasses.replace(split, make_raw=lambda: split.make_raw().take(count), num_examples=count,
+                             files=split.files[:count], make_labels=make_labels)
 
 
 def _find_fashion_mnist(data_dir: str) -> str | None:
@@ -109,7 +124,7 @@ def read_idx(path: str) -> np.ndarray:
 
 def _array_split(images: np.ndarray, labels: np.ndarray) -> Split:
   labels = labels.astype(np.int64)
-  return Split(make=lambda: tf.data.Dataset.from_tensor_slices({IMAGE_KEY: images, LABEL_KEY: labels}),
+  return Split(make_raw=lambda: tf.data.Dataset.from_tensor_slices({IMAGE_KEY: images, LABEL_KEY: labels}),
                num_examples=len(images), make_labels=lambda: tf.data.Dataset.from_tensor_slices(labels))
 
 
@@ -153,8 +168,8 @@ def _load_tfds(name: str, data_dir: str, *, eval_split: str) -> DataSource:
   builder.download_and_prepare(download_config=download_config)
 
   def split_of(split_name: str) -> Split:
-    def make() -> tf.data.Dataset:
-      ds = builder.as_dataset(split=split_name, shuffle_files=False)
+    def make_raw() -> tf.data.Dataset:  # Encoded images: decoding waits until after the shuffle.
+      ds = builder.as_dataset(split=split_name, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()})
       return ds.map(lambda ex: {IMAGE_KEY: ex["image"], LABEL_KEY: tf.cast(ex["label"], tf.int64)})
 
     def make_labels() -> tf.data.Dataset:
@@ -162,7 +177,8 @@ def _load_tfds(name: str, data_dir: str, *, eval_split: str) -> DataSource:
       return ds.map(lambda ex: tf.cast(ex["label"], tf.int64))
 
     known = builder.info.splits[split_name].num_examples if split_name in builder.info.splits else 0
-    return Split(make=make, num_examples=known or _count(make_labels()), make_labels=make_labels)
+    return Split(make_raw=make_raw, num_examples=known or _count(make_labels()),
+                 decode=features["image"].decode_example, make_labels=make_labels)
 
   shape = tuple(features["image"].shape)
   eval_name = _pick_eval_split(builder, eval_split)
@@ -199,7 +215,7 @@ def _count(ds: tf.data.Dataset) -> int:
 def _maybe_cache(split: Split, shape: tuple) -> Split:
   if None in shape or split.num_examples * int(np.prod(shape)) > _MAX_CACHED_BYTES:
     return split
-  return Split(make=_cached(split.make), num_examples=split.num_examples, make_labels=split.make_labels)
+  return Split(make_raw=_cached(split.make), num_examples=split.num_examples, make_labels=split.make_labels)
 
 
 def _cached(make: Callable[[], tf.data.Dataset]) -> Callable[[], tf.data.Dataset]:
@@ -263,16 +279,16 @@ def find_undecodable(files: tuple[str, ...], *, channels: int) -> str | None:
 
 
 def _folder_split(files: list[str], labels: list[int], channels: int) -> Split:
-  def decode(path: tf.Tensor, label: tf.Tensor) -> dict[str, tf.Tensor]:
+  """The stored form of a folder image is its path: shuffling moves paths, decoding reads the file."""
+
+  def decode(path: tf.Tensor) -> tf.Tensor:
     image = tf.io.decode_image(tf.io.read_file(path), channels=channels, expand_animations=False)
-    return {IMAGE_KEY: tf.ensure_shape(image, [None, None, channels]), LABEL_KEY: label}
+    return tf.ensure_shape(image, [None, None, channels])
 
-  def make() -> tf.data.Dataset:
-    ds = tf.data.Dataset.from_tensor_slices((files, np.asarray(labels, np.int64)))
-    return ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-
-  return Split(make=make, num_examples=len(files), files=tuple(files),
-               make_labels=lambda: tf.data.Dataset.from_tensor_slices(np.asarray(labels, np.int64)))
+  label_array = np.asarray(labels, np.int64)
+  return Split(make_raw=lambda: tf.data.Dataset.from_tensor_slices({IMAGE_KEY: files, LABEL_KEY: label_array}),
+               num_examples=len(files), decode=decode, files=tuple(files),
+               make_labels=lambda: tf.data.Dataset.from_tensor_slices(label_array))
 
 
 def _load_folder(root: str, *, channels: int) -> DataSource:
@@ -300,8 +316,8 @@ def _load_folder(root: str, *, channels: int) -> DataSource:
 
 # ---------------------------------------------------------------------------------------------------------- pipelines
 def with_instance_ids(split: Split) -> tf.data.Dataset:
-  """The split with "instance_id" (int64, its position) added to every example."""
-  return split.make().enumerate().map(lambda index, ex: {**ex, ID_KEY: index})
+  """The split's stored (undecoded) examples with "instance_id" (int64, its position) added to each."""
+  return split.make_raw().enumerate().map(lambda index, ex: {**ex, ID_KEY: index})
 
 
 def resolve_image_size(source: DataSource, image_size: int) -> int:
@@ -348,7 +364,8 @@ def make_train_dataset(source: DataSource, cfg: config_lib.DataConfig, augment_c
 
   def train_view(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
     example_seed = augment.example_seed(seed, example[ID_KEY], epoch)
-    return {**example, IMAGE_KEY: augment.augment_for_train(example[IMAGE_KEY], example_seed, augment_cfg, size=size)}
+    image = source.train.decode(example[IMAGE_KEY])
+    return {**example, IMAGE_KEY: augment.augment_for_train(image, example_seed, augment_cfg, size=size)}
 
   ds = ds.map(train_view, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
@@ -362,7 +379,7 @@ def make_eval_dataset(split: Split, augment_cfg: config_lib.AugmentConfig, *, im
     {"image": float32 [b, S, S, C] in [0, 255], "label": int64 [b], "instance_id": int64 [b]}.
   """
   def eval_view(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-    image = augment.preprocess_for_eval(example[IMAGE_KEY], size=image_size,
+    image = augment.preprocess_for_eval(split.decode(example[IMAGE_KEY]), size=image_size,
                                         crop_fraction=augment_cfg.eval_crop_fraction)
     return {**example, IMAGE_KEY: image}
 
