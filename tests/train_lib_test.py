@@ -181,6 +181,28 @@ class RunTest(tf.test.TestCase):
         with open(os.path.join(model_dir, "run.json")) as f:
           self.assertEqual(json.load(f)["num_instances"], 32)
 
+  def test_checkpoint_and_eval_schedules(self):
+    model_dir = self.create_tempdir().full_path
+    cfg = testing.tiny_config(model_dir, epochs=3, checkpoint_every_epochs=2, keep_checkpoints=1,
+                              eval_every_epochs=2, final_eval=False)
+    results = train_lib.run(cfg, distribute.make_strategy("one_device"), source=testing.tiny_source())
+    self.assertEqual(results, {})
+    self.assertFalse(os.path.exists(os.path.join(model_dir, train_lib.FINAL_METRICS_FILE)))
+    records = _read_metrics(model_dir)
+    self.assertEqual([r["knn_top1"] is None for r in records], [True, False, False])  # Epoch 2, and the last.
+    checkpoints = tf.train.get_checkpoint_state(os.path.join(model_dir, "checkpoints")).all_model_checkpoint_paths
+    self.assertEqual([os.path.basename(p) for p in checkpoints], ["ckpt-12"])  # 3 epochs x 4 steps; 1 kept.
+
+  def test_bank_init_features_starts_from_the_clean_features(self):
+    cfg = testing.tiny_config(self.create_tempdir().full_path, bank_init="features")
+    current = train_lib._Run(cfg, tf.distribute.get_strategy(), testing.tiny_source())
+    expected = current._clean_train_features()
+    self.assertAllClose(current.state.bank.bank, expected / np.linalg.norm(expected, axis=1, keepdims=True),
+                        atol=1e-6)
+    random_start = train_lib._Run(testing.replace(cfg, model_dir=self.create_tempdir().full_path, bank_init="random"),
+                                  tf.distribute.get_strategy(), testing.tiny_source())
+    self.assertNotAllClose(random_start.state.bank.bank, current.state.bank.bank)
+
   def test_resume_continues_exactly(self):
     source = testing.tiny_source()
     straight_dir, split_dir = self.create_tempdir().full_path, self.create_tempdir().full_path
