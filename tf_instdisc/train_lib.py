@@ -162,6 +162,7 @@ class RunPlan:
 
 
 def plan_run(cfg: config_lib.Config, source: data_lib.DataSource) -> RunPlan:
+  """Checks cfg against the data and fixes the run's sizes; raises ValueError naming the flag."""
   num_instances = source.train.num_examples
   config_lib.validate_against_data(cfg, num_instances=num_instances)
   size = data_lib.resolve_image_size(source, cfg.data.image_size)
@@ -201,7 +202,7 @@ class _Run:
     self._truncate_metrics(self.step // self.plan.steps_per_epoch)
     checkpointing.save_run_identity(self.model_dir, self.identity)
     checkpointing.write_json_atomic(os.path.join(self.model_dir, CONFIG_FILE), config_lib.to_dict(cfg))
-    self.evaluator, self.train_labels = self._build_evaluator()
+    self.evaluator = self._build_evaluator()
     self.writer = tf.summary.create_file_writer(os.path.join(self.model_dir, "train"))
     step_fn = make_train_step(self.state, cfg, global_batch_size=self.plan.global_batch_size)
     self.train_loop = make_train_loop(step_fn, strategy)
@@ -229,16 +230,14 @@ class _Run:
       f.writelines(lines)
     os.replace(f"{path}.tmp", path)
 
-  def _build_evaluator(self) -> tuple[knn.KnnEvaluator | None, np.ndarray | None]:
+  def _build_evaluator(self) -> knn.KnnEvaluator | None:
     if self.source.eval is None or self.source.num_classes == 0:
       logging.info("no labelled eval split: kNN evaluation is off")
-      return None, None
+      return None
     eval_ds = data_lib.make_eval_dataset(self.source.eval, self.cfg.augment, image_size=self.plan.input_shape[0],
                                          batch_size=self.cfg.eval.eval_batch_size)
-    labels = data_lib.load_labels(self.source.train)
-    evaluator = knn.KnnEvaluator(eval_ds, labels, k=self.cfg.eval.knn_k, temperature=self.cfg.eval.knn_temperature,
-                                 num_classes=self.source.num_classes)
-    return evaluator, labels
+    return knn.KnnEvaluator(eval_ds, data_lib.load_labels(self.source.train), k=self.cfg.eval.knn_k,
+                            temperature=self.cfg.eval.knn_temperature, num_classes=self.source.num_classes)
 
   def _train_epoch(self, epoch: int) -> dict[str, float]:
     spe, end = self.plan.steps_per_epoch, (epoch + 1) * self.plan.steps_per_epoch
