@@ -32,6 +32,14 @@ def _first_batch(cfg, source, plan):
   return next(iter(ds))
 
 
+def _compiled_step(cfg):
+  """(state, tf.function step, first batch) on the tiny source: what the single-step tests share."""
+  source = testing.tiny_source()
+  state, plan = _build(cfg, source)
+  step = tf.function(train_lib.make_train_step(state, cfg, global_batch_size=plan.global_batch_size))
+  return state, step, _first_batch(cfg, source, plan)
+
+
 def _read_metrics(model_dir):
   with open(os.path.join(model_dir, train_lib.METRICS_FILE)) as f:
     return [json.loads(line) for line in f]
@@ -63,11 +71,8 @@ class TrainStepTest(tf.test.TestCase, parameterized.TestCase):
     self.assertGreater(abs(loss - softmax_loss(new_bank)), 1e-3)
 
   def test_nce_normalizer_fixed_from_first_batch(self):
-    cfg = testing.tiny_config(objective="nce", num_negatives=16, normalizer_momentum=0.0)
-    source = testing.tiny_source()
-    state, plan = _build(cfg, source)
-    step = tf.function(train_lib.make_train_step(state, cfg, global_batch_size=plan.global_batch_size))
-    batch = _first_batch(cfg, source, plan)
+    state, step, batch = _compiled_step(
+        testing.tiny_config(objective="nce", num_negatives=16, normalizer_momentum=0.0))
     self.assertLess(float(state.bank.normalizer), 0.0)
     first = float(step(batch)["normalizer"])
     self.assertGreater(first, 0.0)
@@ -76,22 +81,16 @@ class TrainStepTest(tf.test.TestCase, parameterized.TestCase):
       self.assertEqual(float(step(batch)["normalizer"]), first)
 
   def test_nce_normalizer_moving_average_changes(self):
-    cfg = testing.tiny_config(objective="nce", num_negatives=16, normalizer_momentum=0.5)
-    source = testing.tiny_source()
-    state, plan = _build(cfg, source)
-    step = tf.function(train_lib.make_train_step(state, cfg, global_batch_size=plan.global_batch_size))
-    batch = _first_batch(cfg, source, plan)
+    _, step, batch = _compiled_step(testing.tiny_config(objective="nce", num_negatives=16, normalizer_momentum=0.5))
     values = [float(step(batch)["normalizer"]) for _ in range(4)]
     self.assertGreater(len(set(values)), 1)
 
   def test_negatives_repeat_for_the_same_seed_and_step(self):
     cfg = testing.tiny_config(objective="nce", num_negatives=8)
-    source = testing.tiny_source()
     losses = []
     for _ in range(2):
-      state, plan = _build(cfg, source)
-      step = tf.function(train_lib.make_train_step(state, cfg, global_batch_size=plan.global_batch_size))
-      losses.append(float(step(_first_batch(cfg, source, plan))["loss"]))
+      _, step, batch = _compiled_step(cfg)
+      losses.append(float(step(batch)["loss"]))
     self.assertEqual(losses[0], losses[1])
 
   @parameterized.named_parameters(
