@@ -134,6 +134,15 @@ class EvalPreprocessTest(tf.test.TestCase, parameterized.TestCase):
     mapped = _map_once(lambda x: augment.preprocess_for_eval(x, size=SIZE, crop_fraction=1.0), image)
     self.assertAllEqual(mapped, image.astype(np.float32))
 
+  @parameterized.parameters(((SIZE, SIZE, 1), 1.0), ((30, 20, 3), 0.875), ((12, 12, 3), 1.0))
+  def test_batch_equals_one_by_one(self, shape, crop_fraction):
+    # The export's serving signatures preprocess a whole batch at once; it must match the per-image pipeline.
+    images = np.stack([_image(shape), 255 - _image(shape)])
+    batched = augment.preprocess_for_eval(tf.constant(images), size=SIZE, crop_fraction=crop_fraction)
+    for i, image in enumerate(images):
+      self.assertAllClose(batched[i], augment.preprocess_for_eval(tf.constant(image), size=SIZE,
+                                                                  crop_fraction=crop_fraction), atol=1e-4)
+
   @parameterized.named_parameters(
       # A white central square on black: the centre crop sees only white.
       {"testcase_name": "wide_full_height", "shape": (16, 32), "box": (0, 16, 8, 24), "crop_fraction": 1.0},

@@ -12,6 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_instdisc import checkpointing
+from tf_instdisc import config as config_lib
 from tf_instdisc import train_lib
 
 _IDENTITY = dict(dataset="tiny", num_instances=64, arch="convnet_small", embedding_dim=16, objective="nce",
@@ -67,6 +68,47 @@ class RoundTripTest(tf.test.TestCase):
     other = checkpointing.make_manager(_state(cfg).checkpoint, model_dir, max_to_keep=1)
     with self.assertRaisesRegex(ValueError, "ckpt-1"):
       checkpointing.restore_or_initialize(other)
+
+
+class ModelOnlyRestoreTest(tf.test.TestCase):
+  """restore_model and read_config: what export and evaluation use to reopen a finished run."""
+
+  def test_restores_the_model_weights_and_reports_the_step(self):
+    model_dir = self.create_tempdir().full_path
+    saved = _state(testing.tiny_config(model_dir))
+    saved.optimizer.iterations.assign(42)
+    checkpointing.make_manager(saved.checkpoint, model_dir, max_to_keep=1).save(checkpoint_number=42)
+    model = _state(testing.tiny_config(model_dir, seed=5)).model  # Other initial weights.
+    path, step = checkpointing.restore_model(model, model_dir)
+    self.assertEndsWith(path, "ckpt-42")
+    self.assertEqual(step, 42)
+    for mine, theirs in zip(model.weights, saved.model.weights, strict=True):
+      self.assertAllEqual(mine, theirs)
+
+  def test_no_checkpoint_names_model_dir(self):
+    model = _state(testing.tiny_config()).model
+    with self.assertRaisesRegex(ValueError, "--model_dir: no checkpoint"):
+      checkpointing.restore_model(model, self.create_tempdir().full_path)
+
+  def test_other_architecture_names_the_checkpoint(self):
+    model_dir = self.create_tempdir().full_path
+    checkpointing.make_manager(_state(testing.tiny_config(model_dir)).checkpoint, model_dir,
+                               max_to_keep=1).save(checkpoint_number=1)
+    wider = _state(testing.tiny_config(model_dir, embedding_dim=32)).model
+    with self.assertRaisesRegex(ValueError, "ckpt-1"):
+      checkpointing.restore_model(wider, model_dir)
+
+  def test_read_config_round_trip_and_errors(self):
+    model_dir = self.create_tempdir().full_path
+    with self.assertRaisesRegex(ValueError, "config.json does not exist"):
+      checkpointing.read_config(model_dir)
+    cfg = testing.tiny_config(model_dir)
+    checkpointing.write_json_atomic(os.path.join(model_dir, checkpointing.CONFIG_FILE), config_lib.to_dict(cfg))
+    self.assertEqual(checkpointing.read_config(model_dir), cfg)
+    with open(os.path.join(model_dir, checkpointing.CONFIG_FILE), "w") as f:
+      f.write('{"model": {"no_such_field": 1}}')
+    with self.assertRaisesRegex(ValueError, "config.json is not a readable config"):
+      checkpointing.read_config(model_dir)
 
 
 class ResumeCheckTest(tf.test.TestCase):

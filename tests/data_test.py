@@ -132,6 +132,8 @@ class FashionMnistTest(tf.test.TestCase, parameterized.TestCase):
     self.assertEqual(self.full.name, "fashion_mnist")
     self.assertEqual(self.full.image_shape, (28, 28, 1))
     self.assertEqual(self.full.num_classes, 10)
+    self.assertEqual(self.full.class_names[0], "T-shirt/top")
+    self.assertLen(self.full.class_names, 10)
     self.assertEqual(self.full.train.num_examples, 60000)
     self.assertEqual(self.full.eval.num_examples, 10000)
 
@@ -258,6 +260,7 @@ class Cifar10Test(tf.test.TestCase):
     self.assertEqual(self.source.name, "cifar10")
     self.assertEqual(self.source.image_shape, (32, 32, 3))
     self.assertEqual(self.source.num_classes, 10)
+    self.assertLen(self.source.class_names, 10)  # mock_data has no real metadata: the names are "0".."9".
     self.assertEqual(self.source.train.num_examples, _MOCK_EXAMPLES)
 
   def test_eval_split_found(self):
@@ -379,6 +382,7 @@ class FolderTest(tf.test.TestCase, parameterized.TestCase):
     self.assertEqual(relative_files, ["train/ant/j.JPG", "train/ant/z.png", "train/cat/a.png", "train/cat/b.png",
                                       "train/dog/sub/c.png"])
     self.assertEqual(source.num_classes, 3)
+    self.assertEqual(source.class_names, ("ant", "cat", "dog"))
     self.assertEqual(source.image_shape, (None, None, 3))
     self.assertEqual(source.train.num_examples, 5)
     self.assertAllEqual(data.load_labels(source.train), [0, 0, 1, 1, 2])

@@ -11,6 +11,7 @@ import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
 
+from tf_instdisc import checkpointing
 from tf_instdisc import data as data_lib
 from tf_instdisc import distribute
 from tf_instdisc import objectives
@@ -161,7 +162,7 @@ class RunTest(tf.test.TestCase):
       for key in ("epoch", "loss", "knn_top1", "knn_top5", "images_per_sec", "seconds", "lr"):
         self.assertIsNotNone(record[key], key)
     self.assertLess(records[-1]["loss"], records[0]["loss"])
-    for name in (train_lib.CONFIG_FILE, "run.json", train_lib.FINAL_METRICS_FILE):
+    for name in (checkpointing.CONFIG_FILE, "run.json", train_lib.FINAL_METRICS_FILE):
       self.assertTrue(os.path.exists(os.path.join(model_dir, name)), name)
     self.assertBetween(results["knn_top1"], 0.0, 1.0)
     self.assertGreaterEqual(results["knn_top5"], results["knn_top1"])

@@ -111,22 +111,23 @@ def augment_for_train(image: tf.Tensor, seed: tf.Tensor, cfg: config_lib.Augment
 def preprocess_for_eval(image: tf.Tensor, *, size: int, crop_fraction: float) -> tf.Tensor:
   """Deterministic evaluation view: the central square of side crop_fraction * min(H, W), resized to size.
 
-  An image that already is size x size with crop_fraction 1 passes through unchanged.
+  An image that already is size x size with crop_fraction 1 passes through unchanged. A batch [B, H, W, C] of
+  same-sized images is processed as one (the exported serving signatures do this).
 
   Args:
-    image: [H, W, C] uint8 (or float in [0, 255]).
+    image: [H, W, C] or [B, H, W, C] uint8 (or float in [0, 255]).
     size: output side.
     crop_fraction: in (0, 1]; 0.875 is the usual ImageNet centre crop.
 
   Returns:
-    [size, size, C] float32 in [0, 255].
+    [size, size, C] (or [B, size, size, C]) float32 in [0, 255].
   """
   image = tf.cast(image, tf.float32)
   shape = tf.shape(image)
-  height, width = shape[0], shape[1]
+  height, width = shape[-3], shape[-2]
   side = tf.cast(tf.cast(tf.minimum(height, width), tf.float32) * crop_fraction, tf.int32)
   top, left = (height - side) // 2, (width - side) // 2
-  crop = image[top:top + side, left:left + side]
+  crop = image[..., top:top + side, left:left + side, :]
   resized = tf.image.resize(crop, [size, size], method="bilinear", antialias=True)
   same = tf.logical_and(tf.equal(side, size), tf.logical_and(tf.equal(height, size), tf.equal(width, size)))
   # resize_with_crop_or_pad is the identity when `same` holds; unlike ensure_shape it also traces when the static

@@ -12,9 +12,13 @@ from typing import Any
 
 import tensorflow as tf
 
+from tf_instdisc import config as config_lib
+
 CHECKPOINT_SUBDIR = "checkpoints"
+CONFIG_FILE = "config.json"  # The run's full config (config_lib.to_dict), rewritten at every start.
 RUN_FILE = "run.json"  # What a checkpoint in this dir must match: dataset, size, arch, embedding_dim, objective.
 BANK_KEY = "bank/bank/.ATTRIBUTES/VARIABLE_VALUE"
+STEP_KEY = "optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"
 
 
 def make_checkpoint(*, model, optimizer, bank, classifier=None) -> tf.train.Checkpoint:
@@ -45,6 +49,43 @@ def restore_or_initialize(manager: tf.train.CheckpointManager) -> str | None:
   except (tf.errors.OpError, AssertionError, ValueError, IndexError) as e:  # IndexError: a truncated data file.
     raise ValueError(f"cannot restore checkpoint {path} (corrupt, or from another run): {e}") from e
   return path
+
+
+def read_config(model_dir: str) -> config_lib.Config:
+  """The config a model dir was trained with (its CONFIG_FILE).
+
+  Raises:
+    ValueError: naming the file when it is missing, unreadable or not a config.
+  """
+  path = os.path.join(model_dir, CONFIG_FILE)
+  try:
+    with open(path) as f:
+      return config_lib.from_dict(json.load(f))
+  except FileNotFoundError as e:
+    raise ValueError(f"--model_dir: {path} does not exist (is {model_dir} a train.py model dir?)") from e
+  except (OSError, json.JSONDecodeError, TypeError, AttributeError) as e:
+    raise ValueError(f"--model_dir: {path} is not a readable config ({type(e).__name__}: {e})") from e
+
+
+def restore_model(model, model_dir: str) -> tuple[str, int]:
+  """Restores only the model's weights from the latest checkpoint in model_dir (export and evaluation use this).
+
+  Returns:
+    (checkpoint path, the training step it was taken at).
+
+  Raises:
+    ValueError: naming --model_dir or the checkpoint when there is none, or it does not fit `model`.
+  """
+  directory = os.path.join(model_dir, CHECKPOINT_SUBDIR)
+  path = tf.train.latest_checkpoint(directory)
+  if path is None:
+    raise ValueError(f"--model_dir: no checkpoint in {directory}")
+  try:
+    tf.train.Checkpoint(model=model).restore(path).expect_partial().assert_existing_objects_matched()
+    step = int(tf.train.load_variable(path, STEP_KEY))
+  except (tf.errors.OpError, AssertionError, ValueError, IndexError) as e:
+    raise ValueError(f"cannot restore the model from checkpoint {path} (corrupt, or another model): {e}") from e
+  return path, step
 
 
 def run_identity(*, dataset: str, num_instances: int, arch: str, embedding_dim: int, objective: str,

@@ -21,6 +21,8 @@ from tf_instdisc import config as config_lib
 IMAGE_KEY, LABEL_KEY, ID_KEY = "image", "label", "instance_id"
 UNLABELED = -1
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Ankle boot")
 _FASHION_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
@@ -62,6 +64,7 @@ class DataSource:
   eval: Split | None
   image_shape: tuple[int | None, int | None, int]  # (H, W, C); H and W are None when images vary in size.
   num_classes: int  # 0 when the train split carries no labels.
+  class_names: tuple[str, ...] = ()  # Label i's name, when the dataset has names.
 
 
 # ----------------------------------------------------------------------------------------------------------- loading
@@ -150,7 +153,8 @@ def _load_fashion_mnist(directory: str) -> DataSource:
     if len(images) != len(labels):
       raise ValueError(f"{directory}: {image_file} has {len(images)} images but {label_file} {len(labels)} labels")
     splits[split] = (images, labels)
-  return source_from_arrays("fashion_mnist", *splits["train"], *splits["test"], num_classes=10)
+  source = source_from_arrays("fashion_mnist", *splits["train"], *splits["test"], num_classes=10)
+  return dataclasses.replace(source, class_names=FASHION_MNIST_CLASSES)
 
 
 def _load_tfds(name: str, data_dir: str, *, eval_split: str) -> DataSource:
@@ -185,7 +189,7 @@ def _load_tfds(name: str, data_dir: str, *, eval_split: str) -> DataSource:
   train = _maybe_cache(split_of("train"), shape)
   evaluation = _maybe_cache(split_of(eval_name), shape) if eval_name else None
   return DataSource(name=name, train=train, eval=evaluation, image_shape=shape,
-                    num_classes=int(features["label"].num_classes))
+                    num_classes=int(features["label"].num_classes), class_names=tuple(features["label"].names))
 
 
 def _pick_eval_split(builder, eval_split: str) -> str | None:
@@ -311,7 +315,8 @@ def _load_folder(root: str, *, channels: int) -> DataSource:
   for path in files_to_check:
     check_image_file(path)
   return DataSource(name="folder", train=_folder_split(files, labels, channels), eval=eval_split,
-                    image_shape=(None, None, channels), num_classes=len(class_names) if labeled else 0)
+                    image_shape=(None, None, channels), num_classes=len(class_names) if labeled else 0,
+                    class_names=tuple(class_names) if labeled else ())
 
 
 # ---------------------------------------------------------------------------------------------------------- pipelines

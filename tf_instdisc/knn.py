@@ -6,11 +6,13 @@ scanned in chunks, so memory stays O(Q x chunk) even at N = 1.28M. Evaluation wr
 
 from __future__ import annotations
 
+import time
 from typing import Iterator
 
 import keras
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from tf_instdisc import data as data_lib
 
@@ -66,13 +68,24 @@ def knn_predict(queries: tf.Tensor, keys: tf.Tensor, key_labels: tf.Tensor, *, k
   return vote(scores, tf.gather(key_labels, ids), temperature=temperature, num_classes=num_classes)
 
 
-def compute_embeddings(model: keras.Model, dataset: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
-  """Embeds a dataset of {"image", "label", ...} batches in order: (float32 [M, D], int64 [M])."""
+def compute_embeddings(model: keras.Model, dataset: tf.data.Dataset, *, total: int | None = None,
+                       log_every_seconds: float = 30.0) -> tuple[np.ndarray, np.ndarray]:
+  """Embeds a dataset of {"image", "label", ...} batches in order: (float32 [M, D], int64 [M]).
+
+  With `total` (the number of images), logs progress every log_every_seconds: an ImageNet pass takes a while.
+  """
   embed = tf.function(lambda images: model(images, training=False), reduce_retracing=True)
   features, labels = [], []
+  start = last_log = time.time()
+  done = 0
   for batch in dataset:
     features.append(embed(batch[data_lib.IMAGE_KEY]).numpy())
     labels.append(batch[data_lib.LABEL_KEY].numpy())
+    done += len(features[-1])
+    if total and time.time() - last_log > log_every_seconds:
+      last_log = time.time()
+      rate = done / (last_log - start)
+      logging.info("embedded %d/%d images, %.0f img/s, ETA %.0f s", done, total, rate, (total - done) / rate)
   return np.concatenate(features), np.concatenate(labels)
 
 

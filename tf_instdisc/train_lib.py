@@ -30,7 +30,7 @@ from tf_instdisc import objectives
 from tf_instdisc import schedules
 
 METRIC_NAMES = ("loss", "normalizer", "positive_similarity")
-METRICS_FILE, FINAL_METRICS_FILE, CONFIG_FILE = "metrics.jsonl", "final_metrics.json", "config.json"
+METRICS_FILE, FINAL_METRICS_FILE = "metrics.jsonl", "final_metrics.json"
 
 
 @dataclasses.dataclass
@@ -201,7 +201,7 @@ class _Run:
       self._initialize_bank_from_features()
     self._truncate_metrics(self.step // self.plan.steps_per_epoch)
     checkpointing.save_run_identity(self.model_dir, self.identity)
-    checkpointing.write_json_atomic(os.path.join(self.model_dir, CONFIG_FILE), config_lib.to_dict(cfg))
+    checkpointing.write_json_atomic(os.path.join(self.model_dir, checkpointing.CONFIG_FILE), config_lib.to_dict(cfg))
     self.evaluator = self._build_evaluator()
     self.writer = tf.summary.create_file_writer(os.path.join(self.model_dir, "train"))
     step_fn = make_train_step(self.state, cfg, global_batch_size=self.plan.global_batch_size)
@@ -211,7 +211,7 @@ class _Run:
     """float32 [N, D]: the train split, un-augmented, through the current network."""
     train_ds = data_lib.make_eval_dataset(self.source.train, self.cfg.augment, image_size=self.plan.input_shape[0],
                                           batch_size=self.cfg.eval.eval_batch_size)
-    return knn.compute_embeddings(self.state.model, train_ds)[0]
+    return knn.compute_embeddings(self.state.model, train_ds, total=self.source.train.num_examples)[0]
 
   def _initialize_bank_from_features(self) -> None:
     start = time.time()
