@@ -82,11 +82,12 @@ def load_source(cfg: config_lib.DataConfig) -> DataSource:
     source = _load_tfds(cfg.dataset, cfg.data_dir, eval_split=cfg.eval_split)
   if cfg.eval_split == "":
     source = dataclasses.replace(source, eval=None)
-  return dataclasses.replace(source, train=_take(source.train, cfg.max_train_examples),
-                             eval=source.eval and _take(source.eval, cfg.max_eval_examples))
+  return dataclasses.replace(source, train=take_first(source.train, cfg.max_train_examples),
+                             eval=source.eval and take_first(source.eval, cfg.max_eval_examples))
 
 
-def _take(split: Split, count: int) -> Split:
+def take_first(split: Split, count: int) -> Split:
+  """The first `count` examples of the split (all of them when count is 0 or at least the split's size)."""
   if count == 0 or count >= split.num_examples:
     return split
   make_labels = split.make_labels and (lambda: split.make_labels().take(count))

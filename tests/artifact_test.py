@@ -1,0 +1,187 @@
+"""The export artifact: layout and manifest, load() with embed/search/classify, ScaNN or exact search, atomic
+writes, and clear errors for missing, cut-short or corrupt files. Exports a tiny run trained on Fashion-MNIST."""
+
+from __future__ import annotations
+
+from tests import testing  # First: splits the CPU before TensorFlow starts.
+
+# isort: split
+
+import glob
+import os
+import shutil
+import tempfile
+import unittest
+from unittest import mock
+
+import numpy as np
+import tensorflow as tf
+
+import tf_instdisc
+from tf_instdisc import artifact
+from tf_instdisc import config as config_lib
+from tf_instdisc import data as data_lib
+from tf_instdisc import distribute
+from tf_instdisc import index as index_lib
+from tf_instdisc import train_lib
+
+
+def _fashion_images(n: int) -> np.ndarray:
+  return data_lib.read_idx(os.path.join(testing.FASHION_MNIST_DIR, "t10k-images-idx3-ubyte.gz"))[:n, ..., None]
+
+
+@unittest.skipUnless(testing.has_fashion_mnist(), "needs Debian's dataset-fashion-mnist")
+class ArtifactTest(tf.test.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.tmp = tempfile.mkdtemp()
+    cls.addClassCleanup(shutil.rmtree, cls.tmp)
+    cls.model_dir = os.path.join(cls.tmp, "run")
+    cls.cfg = testing.tiny_config(cls.model_dir, epochs=1)
+    train_lib.run(cls.cfg, distribute.make_strategy("one_device"))
+    cls.export_dir = artifact.write_export(cls.model_dir, os.path.join(cls.tmp, "export"), recall_queries=16)
+    cls.exported = tf_instdisc.load(cls.export_dir)
+
+  def _copy(self) -> str:
+    copy = os.path.join(self.create_tempdir().full_path, "export")
+    shutil.copytree(self.export_dir, copy)
+    return copy
+
+  def test_layout_and_manifest(self):
+    manifest = self.exported.manifest
+    self.assertEqual(manifest["format"], artifact.FORMAT)
+    step = 64 // self.cfg.train.batch_size
+    self.assertEqual(manifest["saved_model"]["version"], step)
+    self.assertTrue(os.path.exists(os.path.join(self.export_dir, "saved_model", str(step), "saved_model.pb")))
+    for name in ("embeddings.npy", "ids.npy", "labels.npy"):
+      self.assertTrue(os.path.exists(os.path.join(self.export_dir, "index", name)), name)
+    self.assertEqual(manifest["inputs"]["images"], {"shape": [None, 28, 28, 1], "dtype": "float32",
+                                                    "range": [0, 255]})
+    self.assertEqual(manifest["embedding_dim"], 16)
+    self.assertEqual(manifest["dataset"], "fashion_mnist")
+    self.assertEqual(manifest["collection"]["size"], 64)
+    self.assertEqual(manifest["collection"]["class_names"], list(data_lib.FASHION_MNIST_CLASSES))
+    self.assertEqual(manifest["knn"], {"k": self.cfg.eval.knn_k, "temperature": self.cfg.eval.knn_temperature})
+    self.assertEqual(manifest["index"]["kind"], "brute_force")  # 64 items: below index.EXACT_BELOW.
+    self.assertEqual(manifest["index"]["recall_at_10"], 1.0)
+    self.assertEqual(manifest["versions"]["tensorflow"], tf.__version__)
+    self.assertEqual(config_lib.from_dict(manifest["config"]), self.cfg)
+    self.assertEqual(set(manifest["files"]), {os.path.relpath(p, self.export_dir) for p in glob.glob(
+        os.path.join(self.export_dir, "**", "*"), recursive=True) if os.path.isfile(p)} - {"manifest.json"})
+    self.assertEmpty(glob.glob(f"{self.export_dir}.*"))  # No staging leftovers beside it.
+
+  def test_embed_accepts_pixels_bytes_and_files(self):
+    images = _fashion_images(4)
+    from_pixels = self.exported.embed(images)
+    self.assertEqual(from_pixels.shape, (4, 16))
+    self.assertAllClose(np.linalg.norm(from_pixels, axis=1), np.ones(4), atol=1e-5)
+    self.assertAllClose(self.exported.embed(images[0]), from_pixels[:1], atol=1e-6)
+    encoded = [tf.io.encode_png(image).numpy() for image in images]
+    self.assertAllClose(self.exported.embed(encoded), from_pixels, atol=1e-5)
+    path = os.path.join(self.create_tempdir().full_path, "q.png")
+    with open(path, "wb") as f:
+      f.write(encoded[2])
+    self.assertAllClose(self.exported.embed(path), from_pixels[2:3], atol=1e-5)
+
+  def test_search_finds_a_collection_item_first(self):
+    rows = np.array([0, 17, 63])
+    neighbors = self.exported.search(self.exported.embeddings[rows], k=3)
+    self.assertAllEqual(neighbors.rows[:, 0], rows)
+    self.assertAllEqual(neighbors.ids[:, 0], self.exported.ids[rows])
+    self.assertAllClose(neighbors.scores[:, 0], np.ones(3), atol=1e-5)
+    self.assertAllEqual(neighbors.labels, self.exported.labels[neighbors.rows])
+    self.assertTrue(np.all(np.diff(neighbors.scores, axis=1) <= 1e-6))
+
+  def test_scann_and_exact_search_agree(self):
+    self.assertEqual(self.exported.backend, "scann")
+    exact = tf_instdisc.load(self.export_dir, use_scann=False)
+    self.assertEqual(exact.backend, "exact")
+    images = _fashion_images(10)
+    a, b = self.exported.search(images, k=5), exact.search(images, k=5)
+    self.assertAllEqual(a.ids, b.ids)
+    self.assertAllClose(a.scores, b.scores, atol=1e-4)
+
+  def test_classify_is_the_knn_signature_vote(self):
+    images = _fashion_images(12)
+    signature = self.exported.saved_model.signatures["knn"]
+    expected = signature(images=tf.constant(images, tf.float32))["predicted_label"].numpy()
+    self.assertAllEqual(self.exported.classify(images), expected)
+
+  def test_falls_back_to_exact_search_without_scann(self):
+    with mock.patch.object(index_lib, "scann_available", return_value=False):
+      exported = tf_instdisc.load(self.export_dir)
+    self.assertEqual(exported.backend, "exact")
+    self.assertAllEqual(exported.search(_fashion_images(3), k=4).ids, self.exported.search(_fashion_images(3), k=4).ids)
+
+  def test_export_without_index(self):
+    export_dir = artifact.write_export(self.model_dir, os.path.join(self.create_tempdir().full_path, "e"),
+                                       index="none")
+    exported = tf_instdisc.load(export_dir)
+    self.assertEqual(exported.manifest["index"]["kind"], "none")
+    self.assertFalse(os.path.exists(os.path.join(export_dir, "index", "scann")))
+    self.assertEqual(exported.backend, "exact")
+
+  def test_existing_export_dir_is_refused_then_replaced_with_overwrite(self):
+    export_dir = self._copy()
+    with self.assertRaisesRegex(ValueError, "--export_dir: .* already exists; pass --overwrite"):
+      artifact.write_export(self.model_dir, export_dir)
+    artifact.write_export(self.model_dir, export_dir, overwrite=True, version=99, index="none")
+    self.assertEqual(artifact.read_manifest(export_dir)["saved_model"]["version"], 99)
+    self.assertEqual(os.listdir(os.path.join(export_dir, "saved_model")), ["99"])
+    self.assertEmpty(glob.glob(f"{export_dir}.*"))
+
+  def test_interrupted_export_leaves_no_artifact(self):
+    export_dir = os.path.join(self.create_tempdir().full_path, "e")
+    with mock.patch.object(index_lib, "save_searcher", side_effect=KeyboardInterrupt):
+      with self.assertRaises(KeyboardInterrupt):
+        artifact.write_export(self.model_dir, export_dir)
+    self.assertFalse(os.path.exists(export_dir))
+    self.assertEmpty(glob.glob(f"{export_dir}.*"))
+
+  def test_interrupted_replacement_keeps_the_old_export(self):
+    export_dir = self._copy()
+    before = artifact.read_manifest(export_dir)
+    with mock.patch.object(index_lib, "save_searcher", side_effect=OSError(28, "No space left on device")):
+      with self.assertRaises(OSError):
+        artifact.write_export(self.model_dir, export_dir, overwrite=True, version=5)
+    self.assertEqual(artifact.read_manifest(export_dir), before)
+
+  def test_a_staging_dir_never_loads_as_complete(self):
+    staging = artifact.staging_dir(os.path.join(self.create_tempdir().full_path, "e"))
+    shutil.copytree(os.path.join(self.export_dir, "saved_model"), os.path.join(staging, "saved_model"))
+    with self.assertRaisesRegex(ValueError, "not a complete export: manifest.json is missing"):
+      tf_instdisc.load(staging)
+
+  def test_missing_and_corrupt_files_are_named(self):
+    with self.assertRaisesRegex(ValueError, "does not exist"):
+      tf_instdisc.load(os.path.join(self.tmp, "nowhere"))
+    cases = {
+        "manifest.json": (lambda p: open(p, "w").write("{not json"), "manifest.json is corrupt"),
+        "index/embeddings.npy": (lambda p: open(p, "r+b").truncate(100), "embeddings.npy has 100 bytes"),
+        "index/labels.npy": (os.remove, "labels.npy is missing"),
+    }
+    for relative, (damage, message) in cases.items():
+      export_dir = self._copy()
+      damage(os.path.join(export_dir, relative))
+      with self.assertRaisesRegex(ValueError, message):
+        tf_instdisc.load(export_dir)
+
+  def test_corrupt_scann_index_is_named(self):
+    export_dir = self._copy()
+    scann_dir = os.path.join(export_dir, "index", "scann")
+    for path in glob.glob(os.path.join(scann_dir, "*")):  # Same sizes, so only the loader can tell.
+      size = os.path.getsize(path)
+      with open(path, "wb") as f:
+        f.write(b"\xff" * size)
+    with self.assertRaisesRegex(ValueError, "scann"):
+      tf_instdisc.load(export_dir)
+
+  def test_a_model_dir_without_a_run_is_named(self):
+    with self.assertRaisesRegex(ValueError, "--model_dir: .*config.json does not exist"):
+      artifact.write_export(self.create_tempdir().full_path, os.path.join(self.create_tempdir().full_path, "e"))
+
+
+if __name__ == "__main__":
+  tf.test.main()

@@ -1,0 +1,396 @@
+"""The export artifact on disk, and `load` for using it from Python.
+
+Layout of an export dir E (written by export/export.py):
+
+  E/manifest.json               what the artifact is (input, embedding size, collection, kNN, versions, the
+                                training config) and every file's size; written last
+  E/saved_model/<version>/      the serving SavedModel (tf_instdisc.export): TF Serving's versioned layout
+  E/index/embeddings.npy        float32 [N, D]: the collection (clean train images through the final network)
+  E/index/ids.npy               int64 [N]: the id of each row (its instance id)
+  E/index/labels.npy            int64 [N], when the collection is labelled
+  E/index/paths.json            the image file of each row, for folder datasets
+  E/index/scann/                the ScaNN searcher (tf_instdisc.index), unless exported with --index=none
+
+An export is built in a sibling staging dir and renamed into place only when complete (`commit`), so E either does
+not exist or holds a full artifact; `read_manifest` also checks every file against the manifest's sizes, so a copy
+cut short is refused with the file named. The ScaNN index needs `import scann`; without it `load` falls back to
+exact search over embeddings.npy. `write_export` is the whole export (export/export.py is its command line).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import glob
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import time
+from typing import Any, Sequence
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+import tf_instdisc
+from tf_instdisc import checkpointing
+from tf_instdisc import config as config_lib
+from tf_instdisc import data as data_lib
+from tf_instdisc import export as export_lib
+from tf_instdisc import index as index_lib
+from tf_instdisc import knn
+from tf_instdisc import model as model_lib
+
+FORMAT = "tf_instdisc.export/1"
+MANIFEST_FILE = "manifest.json"
+SAVED_MODEL_DIR, INDEX_DIR, SCANN_DIR = "saved_model", "index", "scann"
+EMBEDDINGS_FILE, IDS_FILE, LABELS_FILE, PATHS_FILE = "embeddings.npy", "ids.npy", "labels.npy", "paths.json"
+_STAGING_MARK, _OLD_MARK = ".partial-", ".replaced-"
+_BATCH = 256
+
+
+# ------------------------------------------------------------------------------------------------------------ writing
+def staging_dir(export_dir: str) -> str:
+  """A fresh sibling of export_dir to build the artifact in (same filesystem, so `commit` is a rename)."""
+  export_dir = os.path.abspath(export_dir)
+  for stale in glob.glob(f"{export_dir}{_STAGING_MARK}*") + glob.glob(f"{export_dir}{_OLD_MARK}*"):
+    logging.info("removing %s, left by an interrupted export", stale)
+    shutil.rmtree(stale, ignore_errors=True)
+  path = f"{export_dir}{_STAGING_MARK}{os.getpid()}"
+  os.makedirs(path)
+  return path
+
+
+def write_collection(index_dir: str, *, embeddings: np.ndarray, ids: np.ndarray, labels: np.ndarray | None,
+                     paths: Sequence[str] = ()) -> None:
+  """The collection's arrays (and file paths) under index_dir."""
+  os.makedirs(index_dir, exist_ok=True)
+  np.save(os.path.join(index_dir, EMBEDDINGS_FILE), embeddings.astype(np.float32))
+  np.save(os.path.join(index_dir, IDS_FILE), ids.astype(np.int64))
+  if labels is not None:
+    np.save(os.path.join(index_dir, LABELS_FILE), labels.astype(np.int64))
+  if paths:
+    with open(os.path.join(index_dir, PATHS_FILE), "w") as f:
+      json.dump(list(paths), f)
+
+
+def _file_sizes(root: str) -> dict[str, int]:
+  sizes = {}
+  for directory, _, names in os.walk(root):
+    for name in names:
+      path = os.path.join(directory, name)
+      relative = os.path.relpath(path, root)
+      if relative != MANIFEST_FILE:
+        sizes[relative] = os.path.getsize(path)
+  return dict(sorted(sizes.items()))
+
+
+def write_manifest(root: str, manifest: dict[str, Any]) -> None:
+  """Writes root/manifest.json with FORMAT and the size of every file under root: call it last."""
+  manifest = {"format": FORMAT, **manifest, "files": _file_sizes(root)}
+  tmp = os.path.join(root, f"{MANIFEST_FILE}.tmp")
+  with open(tmp, "w") as f:
+    json.dump(manifest, f, indent=2, sort_keys=True)
+    f.write("\n")
+  os.replace(tmp, os.path.join(root, MANIFEST_FILE))
+
+
+def commit(staging: str, export_dir: str, *, overwrite: bool) -> None:
+  """Moves the finished staging dir to export_dir; an existing export is replaced only with overwrite.
+
+  Raises:
+    ValueError: export_dir exists and overwrite is False (naming --export_dir).
+  """
+  export_dir = os.path.abspath(export_dir)
+  read_manifest(staging)  # Never publish an artifact that would not load.
+  old = None
+  if os.path.exists(export_dir):
+    if not overwrite:
+      raise ValueError(f"--export_dir: {export_dir} already exists; pass --overwrite to replace it")
+    old = f"{export_dir}{_OLD_MARK}{os.getpid()}"
+    os.rename(export_dir, old)
+  os.rename(staging, export_dir)
+  if old:
+    shutil.rmtree(old)
+
+
+def _versions() -> dict[str, str | None]:
+  versions = {"tf_instdisc": tf_instdisc.__version__, "python": platform.python_version()}
+  for package in ("tensorflow", "keras", "scann", "numpy", "tensorflow-datasets"):
+    try:
+      versions[package] = importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+      versions[package] = None
+  return versions
+
+
+def _embed_split(model, split: data_lib.Split, cfg: config_lib.Config, *, size: int, batch_size: int,
+                 limit: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """Embeddings [M, D] and labels [M] of a split's clean views (the first `limit` when set), with progress."""
+  split = data_lib.take_first(split, limit)
+  dataset = data_lib.make_eval_dataset(split, cfg.augment, image_size=size, batch_size=batch_size)
+  return knn.compute_embeddings(model, dataset, total=split.num_examples)
+
+
+def write_export(model_dir: str, export_dir: str, *, overwrite: bool = False, version: int | None = None,
+                 index: str = "scann", knn_k: int | None = None, knn_temperature: float | None = None,
+                 collection_examples: int | None = None, batch_size: int = 256, recall_queries: int = 1000) -> str:
+  """Exports the latest checkpoint of a train.py model dir (export/export.py's flags document the arguments).
+
+  Restores the model (float32 compute, whatever the training precision), embeds the collection (the clean train
+  split), builds the SavedModel and the index in a staging dir, writes the manifest last and commits.
+
+  Returns:
+    The absolute export dir.
+
+  Raises:
+    ValueError: naming the flag or file (the model dir, its config or checkpoint, the export dir, the data).
+  """
+  start = time.time()
+  export_dir = os.path.abspath(export_dir)
+  if os.path.exists(export_dir) and not overwrite:
+    raise ValueError(f"--export_dir: {export_dir} already exists; pass --overwrite to replace it")
+  if index not in ("scann", "none"):
+    raise ValueError(f"--index: got {index!r}, expected scann or none")
+  if index == "scann" and not index_lib.scann_available():
+    raise ValueError("--index=scann needs the scann package (pip install scann==1.4.2); or pass --index=none")
+  cfg = checkpointing.read_config(model_dir)
+  data_cfg = cfg.data
+  if collection_examples is not None:
+    data_cfg = dataclasses.replace(data_cfg, max_train_examples=collection_examples)
+  source = data_lib.load_source(data_cfg)
+  size = data_lib.resolve_image_size(source, cfg.data.image_size)
+  model = model_lib.build_embedding_model(cfg.model.arch, (size, size, source.image_shape[2]),
+                                          embedding_dim=cfg.model.embedding_dim, policy="float32",
+                                          seed=cfg.train.seed, head_batchnorm=cfg.model.head_batchnorm)
+  checkpoint, step = checkpointing.restore_model(model, model_dir)
+  logging.info("restored %s (step %d)", checkpoint, step)
+  version = step if version is None else version
+  knn_k = min(knn_k or cfg.eval.knn_k, source.train.num_examples)
+  temperature = knn_temperature or cfg.eval.knn_temperature
+
+  logging.info("embedding the collection: %d train images", source.train.num_examples)
+  embeddings, labels = _embed_split(model, source.train, cfg, size=size, batch_size=batch_size)
+  labelled = source.num_classes > 0 and bool(np.all(labels >= 0))
+  ids = np.arange(len(embeddings), dtype=np.int64)  # The instance id: the position in the train split.
+  collection = export_lib.Collection(embeddings, ids, labels if labelled else None, source.num_classes)
+  spec = export_lib.ServingSpec(image_shape=tuple(source.image_shape), model_size=size,
+                                crop_fraction=cfg.augment.eval_crop_fraction)
+  staging = staging_dir(export_dir)
+  try:
+    archive = export_lib.build_archive(model, spec, collection, k=knn_k, temperature=temperature)
+    export_lib.write_saved_model(archive, os.path.join(staging, SAVED_MODEL_DIR, str(version)))
+    index_dir = os.path.join(staging, INDEX_DIR)
+    write_collection(index_dir, embeddings=embeddings, ids=ids, labels=collection.labels, paths=source.train.files)
+    index_info = {"kind": "none", "settings": None}
+    if index == "scann":
+      if recall_queries and source.eval is not None:  # Held-out queries: collection rows would find themselves.
+        queries = _embed_split(model, source.eval, cfg, size=size, batch_size=batch_size, limit=recall_queries)[0]
+      else:
+        rows = np.random.default_rng(0).permutation(len(embeddings))[:recall_queries]
+        queries = embeddings[rows]
+      index_info = _build_index(embeddings, queries, os.path.join(index_dir, SCANN_DIR), k=knn_k)
+    write_manifest(staging, {
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "inputs": {
+            export_lib.IMAGES: {"shape": [None, *spec.image_shape], "dtype": "float32", "range": [0, 255]},
+            export_lib.IMAGE_BYTES: {"shape": [None], "dtype": "string", "formats": ["jpeg", "png", "gif", "bmp"]},
+        },
+        "model_input_size": size, "eval_crop_fraction": spec.crop_fraction,
+        "embedding_dim": cfg.model.embedding_dim, "dataset": cfg.data.dataset,
+        "collection": {"size": len(embeddings), "source": "train split, clean views, final network",
+                       "labelled": labelled, "num_classes": source.num_classes,
+                       "class_names": list(source.class_names), "has_paths": bool(source.train.files)},
+        "knn": {"k": knn_k, "temperature": temperature},
+        "saved_model": {"version": version, "tag": export_lib.SAVED_MODEL_TAG,
+                        "signatures": list(export_lib.SIGNATURES)},
+        "index": index_info,
+        "checkpoint": {"path": checkpoint, "step": step, "model_dir": os.path.abspath(model_dir)},
+        "versions": _versions(),
+        "config": config_lib.to_dict(cfg),
+    })
+    commit(staging, export_dir, overwrite=overwrite)
+  except BaseException:  # KeyboardInterrupt too: leave nothing half-written behind.
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
+  logging.info("exported %s in %.0f s: SavedModel version %d, %d items, index %s", export_dir, time.time() - start,
+               version, len(embeddings), index_info["kind"])
+  return export_dir
+
+
+def _build_index(embeddings: np.ndarray, queries: np.ndarray, directory: str, *, k: int) -> dict[str, Any]:
+  """Builds and saves the ScaNN searcher and measures its recall@10 on `queries`; the manifest's "index" entry."""
+  settings = index_lib.choose_settings(len(embeddings), k=k)
+  start = time.time()
+  searcher = index_lib.build_searcher(embeddings, settings, k=k)
+  info = {"kind": settings.kind, "settings": settings.to_dict(), "build_seconds": round(time.time() - start, 2)}
+  index_lib.save_searcher(searcher, directory)
+  if len(queries):
+    recall_k = min(10, len(embeddings))
+    found, _ = index_lib.search(searcher, queries, recall_k, settings=settings)
+    true, _ = index_lib.exact_search(queries, embeddings, recall_k)
+    info.update(recall_at_10=round(float(index_lib.recall_at_k(found, true)), 4), recall_queries=len(queries))
+    logging.info("index %s: recall@%d %.4f on %d held-out queries, built in %.1f s", settings.kind, recall_k,
+                 info["recall_at_10"], len(queries), info["build_seconds"])
+  return info
+
+
+# ------------------------------------------------------------------------------------------------------------ reading
+def read_manifest(export_dir: str) -> dict[str, Any]:
+  """The manifest of a complete export, after checking that every file it lists is there with its size.
+
+  Raises:
+    ValueError: naming the dir or file when the export is missing, incomplete, cut short or not ours.
+  """
+  if not os.path.isdir(export_dir):
+    raise ValueError(f"export dir {export_dir} does not exist")
+  path = os.path.join(export_dir, MANIFEST_FILE)
+  if not os.path.exists(path):
+    raise ValueError(f"{export_dir} is not a complete export: {MANIFEST_FILE} is missing (an interrupted export, "
+                     "or not an export dir)")
+  try:
+    with open(path) as f:
+      manifest = json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ValueError(f"{path} is corrupt: {e}") from e
+  if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
+    raise ValueError(f"{path} is not a {FORMAT} manifest")
+  for relative, size in manifest["files"].items():
+    file_path = os.path.join(export_dir, relative)
+    if not os.path.exists(file_path):
+      raise ValueError(f"export {export_dir} is incomplete: {file_path} is missing")
+    if os.path.getsize(file_path) != size:
+      raise ValueError(f"export {export_dir} is corrupt: {file_path} has {os.path.getsize(file_path)} bytes, "
+                       f"the manifest says {size}")
+  return manifest
+
+
+def saved_model_path(export_dir: str, manifest: dict[str, Any]) -> str:
+  return os.path.join(export_dir, SAVED_MODEL_DIR, str(manifest["saved_model"]["version"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class Neighbors:
+  """Search results for Q queries: ids [Q, k] int64 (collection ids), scores [Q, k] float32 (cosine, descending),
+  labels [Q, k] int64 or None, rows [Q, k] int64 (row numbers in the collection, e.g. into `Export.paths`)."""
+
+  ids: np.ndarray
+  scores: np.ndarray
+  labels: np.ndarray | None
+  rows: np.ndarray
+
+
+class Export:
+  """A loaded export: `embed`, `search` and `classify` (use `load` to make one)."""
+
+  def __init__(self, export_dir: str, manifest: dict[str, Any], *, use_scann: bool = True):
+    self.export_dir, self.manifest = export_dir, manifest
+    path = saved_model_path(export_dir, manifest)
+    try:
+      self.saved_model = tf.saved_model.load(path)
+    except Exception as e:  # TF raises several types for a damaged SavedModel.
+      raise ValueError(f"cannot load the SavedModel {path}: {type(e).__name__}: {e}") from e
+    index_dir = os.path.join(export_dir, INDEX_DIR)
+    self.embeddings = self._load_array(index_dir, EMBEDDINGS_FILE)
+    self.ids = self._load_array(index_dir, IDS_FILE)
+    has_labels = os.path.exists(os.path.join(index_dir, LABELS_FILE))
+    self.labels = self._load_array(index_dir, LABELS_FILE) if has_labels else None
+    self.paths = None
+    if os.path.exists(os.path.join(index_dir, PATHS_FILE)):
+      with open(os.path.join(index_dir, PATHS_FILE)) as f:
+        self.paths = json.load(f)
+    if self.embeddings.ndim != 2 or len(self.ids) != len(self.embeddings) or (
+        self.labels is not None and len(self.labels) != len(self.embeddings)):
+      raise ValueError(f"{index_dir}: {EMBEDDINGS_FILE}, {IDS_FILE} and {LABELS_FILE} disagree in length")
+    self.searcher, self.backend = None, "exact"
+    scann_dir = os.path.join(index_dir, SCANN_DIR)
+    if use_scann and os.path.isdir(scann_dir):
+      if index_lib.scann_available():
+        self.searcher, self.backend = index_lib.load_searcher(scann_dir), "scann"
+      else:
+        logging.warning("%s holds a ScaNN index but scann is not installed: exact search instead", export_dir)
+    self._settings = index_lib.IndexSettings.from_dict(manifest["index"]["settings"]) if self.searcher else None
+
+  @staticmethod
+  def _load_array(directory: str, name: str) -> np.ndarray:
+    path = os.path.join(directory, name)
+    try:
+      return np.load(path)
+    except (OSError, ValueError, EOFError) as e:
+      raise ValueError(f"cannot read {path}: {e}") from e
+
+  @property
+  def embedding_dim(self) -> int:
+    return int(self.manifest["embedding_dim"])
+
+  @property
+  def class_names(self) -> list[str]:
+    return list(self.manifest["collection"].get("class_names", []))
+
+  def embed(self, images: Any) -> np.ndarray:
+    """Embeddings float32 [B, D] of images: pixels [B, H, W, C] or [H, W, C] (0-255), or encoded images (bytes)
+    or image file paths (str), one or a list."""
+    if isinstance(images, (str, bytes)) or (isinstance(images, (list, tuple)) and images
+                                             and isinstance(images[0], (str, bytes))):
+      items = [images] if isinstance(images, (str, bytes)) else list(images)
+      encoded = [_read(item) if isinstance(item, str) else item for item in items]
+      signature, key, batch = self.saved_model.signatures["embed_bytes"], "image_bytes", np.array(encoded, object)
+    else:
+      batch = np.asarray(images, np.float32)
+      if batch.ndim == 3:
+        batch = batch[None]
+      signature, key = self.saved_model.signatures["serving_default"], "images"
+    outputs = [signature(**{key: tf.constant(batch[start:start + _BATCH])})["embeddings"].numpy()
+               for start in range(0, len(batch), _BATCH)]
+    return np.concatenate(outputs) if outputs else np.zeros([0, self.embedding_dim], np.float32)
+
+  def _as_embeddings(self, queries: Any) -> np.ndarray:
+    if isinstance(queries, np.ndarray) and queries.dtype.kind == "f" and queries.ndim in (1, 2) and (
+        queries.shape[-1] == self.embedding_dim):
+      return np.atleast_2d(queries).astype(np.float32)
+    return self.embed(queries)
+
+  def search(self, queries: Any, k: int = 10) -> Neighbors:
+    """The k nearest collection items of each query (images as for `embed`, or embeddings [Q, D] / [D])."""
+    embeddings = self._as_embeddings(queries)
+    if self.searcher is not None:
+      rows, scores = index_lib.search(self.searcher, embeddings, k, settings=self._settings)
+    else:
+      rows, scores = index_lib.exact_search(embeddings, self.embeddings, k)
+    return Neighbors(ids=self.ids[rows], scores=scores, rows=rows,
+                     labels=None if self.labels is None else self.labels[rows])
+
+  def classify(self, queries: Any) -> np.ndarray:
+    """Predicted labels int64 [Q]: the paper's weighted kNN vote (the manifest's k and temperature)."""
+    if self.labels is None:
+      raise ValueError(f"{self.export_dir}: the collection has no labels, so there is nothing to classify with")
+    knn = self.manifest["knn"]
+    neighbors = self.search(queries, k=int(knn["k"]))
+    weights = np.exp(neighbors.scores.astype(np.float64) / float(knn["temperature"]))  # [Q, k]
+    num_classes = int(self.manifest["collection"]["num_classes"])
+    class_scores = np.zeros([len(weights), num_classes])
+    np.add.at(class_scores, (np.arange(len(weights))[:, None], neighbors.labels), weights)
+    return np.argmax(class_scores, axis=1).astype(np.int64)
+
+
+def _read(path: str) -> bytes:
+  try:
+    with open(path, "rb") as f:
+      return f.read()
+  except OSError as e:
+    raise ValueError(f"cannot read image {path}: {e}") from e
+
+
+def load(export_dir: str, *, use_scann: bool = True) -> Export:
+  """Opens an export made by export/export.py.
+
+  Args:
+    export_dir: the export dir (E, holding manifest.json).
+    use_scann: search with the ScaNN index when there is one and scann imports; False forces exact search.
+
+  Raises:
+    ValueError: naming the file when the export is missing, incomplete or corrupt.
+  """
+  return Export(export_dir, read_manifest(export_dir), use_scann=use_scann)
