@@ -23,6 +23,7 @@ from tf_instdisc import config as config_lib
 from tf_instdisc import data as data_lib
 from tf_instdisc import distribute
 from tf_instdisc import index as index_lib
+from tf_instdisc import search
 from tf_instdisc import train_lib
 
 
@@ -181,6 +182,35 @@ class ArtifactTest(tf.test.TestCase):
   def test_a_model_dir_without_a_run_is_named(self):
     with self.assertRaisesRegex(ValueError, "--model_dir: .*config.json does not exist"):
       artifact.write_export(self.create_tempdir().full_path, os.path.join(self.create_tempdir().full_path, "e"))
+
+
+class FolderExportTest(tf.test.TestCase):
+  """A folder dataset: the index keeps every row's file, search names it and the grid reads neighbours from it."""
+
+  def test_paths_are_kept_and_searched(self):
+    root = self.create_tempdir().full_path
+    rng = np.random.default_rng(0)
+    files = []
+    for label, name in enumerate(("ants", "bees")):
+      os.makedirs(os.path.join(root, "train", name))
+      for i in range(8):
+        image = np.clip(rng.normal(60 + 120 * label, 30, (10, 12, 3)), 0, 255).astype(np.uint8)
+        files.append(os.path.join(root, "train", name, f"{i}.png"))
+        tf.io.write_file(files[-1], tf.io.encode_png(image))
+    model_dir = os.path.join(root, "run")
+    cfg = testing.tiny_config(model_dir, dataset="folder", data_dir=root, image_size=8, epochs=1, eval_every_epochs=0,
+                                num_negatives=8, batch_size=8)
+    train_lib.run(cfg, distribute.make_strategy("one_device"))
+    exported = tf_instdisc.load(artifact.write_export(model_dir, os.path.join(root, "export"), index="none"))
+    self.assertEqual(exported.paths, files)
+    self.assertEqual(exported.manifest["inputs"]["images"]["shape"], [None, None, None, 3])
+    self.assertEqual(exported.class_names, ["ants", "bees"])
+    neighbors = exported.search([files[3], files[12]], k=4)
+    self.assertAllEqual(neighbors.rows[:, 0], [3, 12])  # Each file finds itself first.
+    self.assertAllClose(neighbors.scores[:, 0], [1.0, 1.0], atol=1e-5)
+    images = search.collection_images(exported, neighbors.rows)
+    self.assertEqual(set(images), set(neighbors.rows.ravel().tolist()))
+    self.assertAllEqual(images[12], tf.io.decode_png(tf.io.read_file(files[12])))
 
 
 if __name__ == "__main__":
