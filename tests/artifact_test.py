@@ -23,7 +23,6 @@ from tf_instdisc import config as config_lib
 from tf_instdisc import data as data_lib
 from tf_instdisc import distribute
 from tf_instdisc import index as index_lib
-from tf_instdisc import search
 from tf_instdisc import train_lib
 
 
@@ -94,6 +93,13 @@ class ArtifactTest(tf.test.TestCase):
     self.assertAllClose(neighbors.scores[:, 0], np.ones(3), atol=1e-5)
     self.assertAllEqual(neighbors.labels, self.exported.labels[neighbors.rows])
     self.assertTrue(np.all(np.diff(neighbors.scores, axis=1) <= 1e-6))
+
+  def test_collection_images_come_from_the_train_split(self):
+    images = self.exported.collection_images(np.array([[5, 0], [5, 63]]))
+    self.assertEqual(sorted(images), [0, 5, 63])
+    train = data_lib.read_idx(os.path.join(testing.FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz"))
+    for row, image in images.items():
+      self.assertAllEqual(image[..., 0], train[row])
 
   def test_scann_and_exact_search_agree(self):
     self.assertEqual(self.exported.backend, "scann")
@@ -208,7 +214,7 @@ class FolderExportTest(tf.test.TestCase):
     neighbors = exported.search([files[3], files[12]], k=4)
     self.assertAllEqual(neighbors.rows[:, 0], [3, 12])  # Each file finds itself first.
     self.assertAllClose(neighbors.scores[:, 0], [1.0, 1.0], atol=1e-5)
-    images = search.collection_images(exported, neighbors.rows)
+    images = exported.collection_images(neighbors.rows)
     self.assertEqual(set(images), set(neighbors.rows.ravel().tolist()))
     self.assertAllEqual(images[12], tf.io.decode_png(tf.io.read_file(files[12])))
 

@@ -314,9 +314,11 @@ class HygieneTest(tf.test.TestCase, parameterized.TestCase):
     self.assertEqual(offenders, [], "only entry points may define flags (STYLE.md 6.2)")
 
   def test_no_module_imports_the_package_entry_points(self):
-    # search.py defines flags at import: a library module importing it would drag them into every program.
+    # search.py defines required flags at import: a module (or a test, in pytest's one process) importing it would
+    # drag them into every program, and the next FLAGS parse would fail on them.
     entry_modules = {os.path.splitext(name)[0] for name in PACKAGE_ENTRY_POINTS}
-    candidates = _package_modules() + glob.glob(os.path.join(testing.REPO_ROOT, "*.py"))
+    candidates = _package_modules() + glob.glob(os.path.join(testing.REPO_ROOT, "*.py")) + glob.glob(
+        os.path.join(testing.REPO_ROOT, "tests", "*.py"))
     offenders = [os.path.relpath(p, testing.REPO_ROOT) for p in candidates
                  if any(isinstance(node, ast.ImportFrom) and node.module == "tf_instdisc"
                         and {a.name for a in node.names} & entry_modules for node in ast.walk(_parse_module(p)))]

@@ -321,6 +321,23 @@ class Export:
     except (OSError, ValueError, EOFError) as e:
       raise ValueError(f"cannot read {path}: {e}") from e
 
+  def collection_images(self, rows: np.ndarray) -> dict[int, np.ndarray]:
+    """uint8 images [H, W, C] of the given collection rows (any shape of ints), keyed by row: read from their
+    files for folder datasets, else by one pass over the train split the export was made from (which must be
+    readable here: Fashion-MNIST's files, or the TFDS data)."""
+    wanted = sorted({int(row) for row in np.ravel(rows)})
+    channels = self.manifest["inputs"][export_lib.IMAGES]["shape"][-1]
+    if self.paths is not None:
+      return {row: tf.io.decode_image(tf.io.read_file(self.paths[row]), channels=channels,
+                                      expand_animations=False).numpy() for row in wanted}
+    cfg = config_lib.from_dict(self.manifest["config"])
+    data_cfg = dataclasses.replace(cfg.data, max_train_examples=self.manifest["collection"]["size"])
+    split = data_lib.load_source(data_cfg).train
+    wanted_ids = tf.constant(wanted, tf.int64)
+    found = data_lib.with_instance_ids(split).filter(
+        lambda ex: tf.reduce_any(tf.equal(ex[data_lib.ID_KEY], wanted_ids)))
+    return {int(ex[data_lib.ID_KEY]): split.decode(ex[data_lib.IMAGE_KEY]).numpy() for ex in found}
+
   @property
   def embedding_dim(self) -> int:
     return int(self.manifest["embedding_dim"])

@@ -9,7 +9,6 @@ nothing imports it, and it is the only module here that defines flags (STYLE.md 
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 
@@ -22,29 +21,6 @@ _IMAGES = flags.DEFINE_multi_string("image", None, "Query image file (JPEG, PNG,
 _K = flags.DEFINE_integer("k", 10, "Neighbours per query.", lower_bound=1)
 _GRID = flags.DEFINE_string("grid", "", "Write a PNG of each query and its neighbours here.")
 _EXACT = flags.DEFINE_bool("exact", False, "Exact search even when the export has a ScaNN index.")
-
-
-def collection_images(export, rows) -> dict[int, object]:
-  """uint8 images [H, W, C] of the given collection rows: from their files (folder datasets), or by one pass over
-  the train split the export was made from (the dataset must be readable here)."""
-  import numpy as np
-  import tensorflow as tf
-
-  from tf_instdisc import config as config_lib
-  from tf_instdisc import data as data_lib
-
-  wanted = sorted({int(r) for r in np.ravel(rows)})
-  channels = export.manifest["inputs"]["images"]["shape"][-1]
-  if export.paths is not None:
-    return {row: tf.io.decode_image(tf.io.read_file(export.paths[row]), channels=channels,
-                                    expand_animations=False).numpy() for row in wanted}
-  cfg = config_lib.from_dict(export.manifest["config"])
-  data_cfg = dataclasses.replace(cfg.data, max_train_examples=export.manifest["collection"]["size"])
-  split = data_lib.load_source(data_cfg).train
-  wanted_tensor = tf.constant(wanted, tf.int64)
-  found = data_lib.with_instance_ids(split).filter(
-      lambda ex: tf.reduce_any(tf.equal(ex[data_lib.ID_KEY], wanted_tensor)))
-  return {int(ex[data_lib.ID_KEY]): split.decode(ex[data_lib.IMAGE_KEY]).numpy() for ex in found}
 
 
 def write_grid(path: str, queries: list, neighbors, images: dict[int, object], class_names: list[str]) -> None:
@@ -115,7 +91,7 @@ def run(export_dir: str, image_paths: list[str], *, k: int, grid: str, exact: bo
       file_name = f"  {export.paths[row]}" if export.paths is not None else ""
       print(f"  {j + 1:3d}  score {neighbors.scores[q, j]:.4f}  id {int(neighbors.ids[q, j])}{label}{file_name}")
   if grid:
-    write_grid(grid, queries, neighbors, collection_images(export, neighbors.rows), export.class_names)
+    write_grid(grid, queries, neighbors, export.collection_images(neighbors.rows), export.class_names)
     print(f"wrote {grid}")
 
 
