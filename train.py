@@ -36,6 +36,8 @@ _HELP = {
     "arch": f"Backbone: {', '.join(config_lib.ARCHS)}.",
     "embedding_dim": "Size D of the L2-normalised embedding.",
     "head_batchnorm": "Batch-normalise the projection before the L2 norm (not in the paper; faster start).",
+    "sync_batchnorm": "Batch-norm statistics over the global batch across replicas (results independent of the "
+                      "replica count); off: per-replica statistics, as PyTorch DataParallel.",
     "mixed_precision": "off, auto (bfloat16 on CPU/TPU, float16 on GPU), bfloat16 or float16. "
                        "Logits and the bank stay float32.",
     "bank_init": "Initial memory bank: random (seeded unit rows, the official code) or features (the untrained "
@@ -46,7 +48,7 @@ _HELP = {
                  "bank) or parametric (a trainable classifier per instance, the baseline).",
     "temperature": "Softmax temperature tau of the non-parametric objectives.",
     "num_negatives": "NCE noise samples per example (m in the paper).",
-    "negative_sampling": "shared: one draw of K negatives per replica batch (fast); per_example: K per example.",
+    "negative_sampling": "shared: one draw of K negatives per global batch (fast); per_example: K per example.",
     "exclude_positive": "Drop noise samples that equal the example's own instance.",
     "normalizer_momentum": "0: NCE normaliser Z fixed from the first global batch (paper); else moving-average rate.",
     "learning_rate": "Base learning rate of SGD.",

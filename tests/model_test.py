@@ -7,6 +7,7 @@ from tests import testing  # noqa: F401  # First: splits the CPU before TensorFl
 
 from unittest import mock
 
+import keras
 import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
@@ -86,6 +87,19 @@ class EmbeddingModelTest(tf.test.TestCase, parameterized.TestCase):
     embeddings = model(_images(4), training=True)
     self.assertEqual(embeddings.dtype, tf.float32)
     self.assertAllClose(tf.norm(embeddings, axis=1), np.ones(4), atol=1e-5)
+
+  @parameterized.parameters("convnet_small", "resnet18_cifar")
+  def test_sync_batchnorm_reaches_every_batchnorm(self, arch):
+    def bn_layers(model):
+      return [layer for layer in model_lib.backbone_of(model).layers + model.layers
+              if isinstance(layer, keras.layers.BatchNormalization)]
+
+    synced = model_lib.build_embedding_model(arch, (16, 16, 3), embedding_dim=8, head_batchnorm=True,
+                                             sync_batchnorm=True)
+    local = model_lib.build_embedding_model(arch, (16, 16, 3), embedding_dim=8, head_batchnorm=True)
+    self.assertGreater(len(bn_layers(synced)), 2)
+    self.assertTrue(all(layer.synchronized for layer in bn_layers(synced)))
+    self.assertFalse(any(layer.synchronized for layer in bn_layers(local)))
 
   def test_unknown_arch_names_the_flag(self):
     with self.assertRaisesRegex(ValueError, "--arch"):

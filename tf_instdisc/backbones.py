@@ -23,15 +23,16 @@ _PIXEL_MEAN, _PIXEL_STD = 127.5, 64.0
 
 @dataclasses.dataclass
 class _Build:
-  """What every layer of one build shares: the dtype policy and a stream of initializer seeds."""
+  """What every layer of one build shares: the dtype policy, a stream of initializer seeds, BN synchronisation."""
 
   policy: str
   seeds: Iterator[int]
+  sync_batchnorm: bool = False
 
   @classmethod
-  def create(cls, policy: str, seed: int) -> _Build:
+  def create(cls, policy: str, seed: int, sync_batchnorm: bool = False) -> _Build:
     # Seeded initializers: the same --seed builds the same network, with no global random state.
-    return cls(policy=policy, seeds=itertools.count(seed * 100_003 + 1))
+    return cls(policy=policy, seeds=itertools.count(seed * 100_003 + 1), sync_batchnorm=sync_batchnorm)
 
   def he_normal(self) -> keras.initializers.Initializer:
     return keras.initializers.HeNormal(seed=next(self.seeds))
@@ -43,7 +44,8 @@ def _conv(filters: int, kernel: int, stride: int, build: _Build, name: str) -> l
 
 
 def _bn(build: _Build, name: str) -> layers.Layer:
-  return layers.BatchNormalization(momentum=_BN_MOMENTUM, epsilon=1e-5, dtype=build.policy, name=name)
+  return layers.BatchNormalization(momentum=_BN_MOMENTUM, epsilon=1e-5, dtype=build.policy, name=name,
+                                   synchronized=build.sync_batchnorm)
 
 
 def _conv_bn(x, filters: int, kernel: int, stride: int, build: _Build, name: str, relu: bool = True):
@@ -84,7 +86,8 @@ def _standardize(inputs, policy):
 
 
 def build_resnet(input_shape: tuple[int, int, int], *, depths: tuple[int, ...], bottleneck: bool, cifar_stem: bool,
-                 policy: str = "float32", seed: int = 0, name: str = "resnet") -> keras.Model:
+                 policy: str = "float32", seed: int = 0, sync_batchnorm: bool = False,
+                 name: str = "resnet") -> keras.Model:
   """A ResNet v1.5 whose output is the global-average-pooled last stage [B, 512] (basic) or [B, 2048].
 
   Args:
@@ -94,9 +97,10 @@ def build_resnet(input_shape: tuple[int, int, int], *, depths: tuple[int, ...], 
     cifar_stem: a 3x3 stride-1 stem without max-pool instead of 7x7 stride-2 + max-pool.
     policy: a Keras dtype policy name, e.g. "mixed_bfloat16".
     seed: seeds every initializer.
+    sync_batchnorm: batch statistics over all replicas (Keras' synchronized BatchNormalization).
     name: the model name.
   """
-  build = _Build.create(policy, seed)
+  build = _Build.create(policy, seed, sync_batchnorm)
   inputs = keras.Input(input_shape, name="images")
   x = _standardize(inputs, policy)
   if cifar_stem:
@@ -114,9 +118,9 @@ def build_resnet(input_shape: tuple[int, int, int], *, depths: tuple[int, ...], 
 
 
 def build_convnet_small(input_shape: tuple[int, int, int], *, policy: str = "float32", seed: int = 0,
-                        name: str = "convnet_small") -> keras.Model:
+                        sync_batchnorm: bool = False, name: str = "convnet_small") -> keras.Model:
   """A VGG-style net for small images on a CPU: 32 -> pool -> 2x64 -> pool -> 2x128 -> pool -> 256 -> GAP."""
-  build = _Build.create(policy, seed)
+  build = _Build.create(policy, seed, sync_batchnorm)
   inputs = keras.Input(input_shape, name="images")
   x = _standardize(inputs, policy)
   x = _conv_bn(x, 32, 3, 1, build, "conv1")
@@ -139,9 +143,12 @@ BUILDERS: dict[str, Callable[..., keras.Model]] = {
 }
 
 
-def build_backbone(arch: str, input_shape: tuple[int, int, int], *, policy: str = "float32",
-                   seed: int = 0) -> keras.Model:
-  """Builds BUILDERS[arch] with seeded initializers; raises ValueError naming --arch for an unknown name."""
+def build_backbone(arch: str, input_shape: tuple[int, int, int], *, policy: str = "float32", seed: int = 0,
+                   sync_batchnorm: bool = False) -> keras.Model:
+  """Builds BUILDERS[arch] with seeded initializers; raises ValueError naming --arch for an unknown name.
+
+  sync_batchnorm: batch statistics over all replicas of a tf.distribute strategy (no effect on one device).
+  """
   if arch not in BUILDERS:
     raise ValueError(f"--arch: unknown architecture {arch!r}, expected one of {', '.join(BUILDERS)}")
-  return BUILDERS[arch](input_shape, policy=policy, seed=seed)
+  return BUILDERS[arch](input_shape, policy=policy, seed=seed, sync_batchnorm=sync_batchnorm)

@@ -52,6 +52,10 @@ class ModelConfig:
   # Batch-normalise the 128-d projection before the L2 norm. Not in the paper: an untrained network maps every
   # image near one common direction, and centring it spreads the embeddings from the first step on.
   head_batchnorm: bool = False
+  # Batch-norm statistics over the global batch (all replicas) rather than each replica's share: results then do
+  # not depend on the number of replicas. One all-reduce per BN layer per step. Keras' synchronised layer uses
+  # E[x^2] - E[x]^2, so it is used on one replica too: the same formula everywhere keeps N-vs-1 runs within 1e-5.
+  sync_batchnorm: bool = True
   mixed_precision: str = "off"
 
 
@@ -69,7 +73,7 @@ class LossConfig:
   objective: str = "nce"
   temperature: float = 0.07
   num_negatives: int = 4096
-  negative_sampling: str = "shared"  # "shared": one draw per replica batch; "per_example": K per example.
+  negative_sampling: str = "shared"  # "shared": one draw of K per global batch; "per_example": K per example.
   exclude_positive: bool = False  # Drop negatives that equal the example's own instance.
   normalizer_momentum: float = 0.0  # 0: Z fixed from the first global batch; else its moving-average rate.
 

@@ -42,7 +42,8 @@ def resolve_policy(mixed_precision: str) -> str:
 
 
 def build_embedding_model(arch: str, input_shape: tuple[int, int, int], *, embedding_dim: int,
-                          policy: str = "float32", seed: int = 0, head_batchnorm: bool = False) -> keras.Model:
+                          policy: str = "float32", seed: int = 0, head_batchnorm: bool = False,
+                          sync_batchnorm: bool = False) -> keras.Model:
   """Builds backbone -> Dense(embedding_dim) -> L2 normalise; the head and its output are float32.
 
   Args:
@@ -52,18 +53,20 @@ def build_embedding_model(arch: str, input_shape: tuple[int, int, int], *, embed
     policy: the backbone's Keras dtype policy.
     seed: seeds every initializer: the same seed builds the same weights.
     head_batchnorm: batch-normalise the projection before the L2 norm (not in the paper; see ModelConfig).
+    sync_batchnorm: every BatchNormalization takes its statistics over all replicas (ModelConfig).
 
   Returns:
     A functional keras.Model, images [B, H, W, C] -> float32 [B, D], unit norm.
   """
-  backbone = backbones.build_backbone(arch, input_shape, policy=policy, seed=seed)
+  backbone = backbones.build_backbone(arch, input_shape, policy=policy, seed=seed, sync_batchnorm=sync_batchnorm)
   inputs = keras.Input(input_shape, name="images")
   pooled = backbone(inputs)
   # float32 head: the dot products with the bank and the temperature-scaled logits need the full mantissa.
   projected = layers.Dense(embedding_dim, dtype="float32", name="projection",
                            kernel_initializer=keras.initializers.GlorotUniform(seed=seed))(pooled)
   if head_batchnorm:
-    projected = layers.BatchNormalization(momentum=0.9, epsilon=1e-5, dtype="float32", name="projection_bn")(projected)
+    projected = layers.BatchNormalization(momentum=0.9, epsilon=1e-5, dtype="float32", name="projection_bn",
+                                          synchronized=sync_batchnorm)(projected)
   embeddings = layers.UnitNormalization(axis=-1, dtype="float32", name="l2_normalize")(projected)
   return keras.Model(inputs, embeddings, name=f"{arch}_embedding")
 

@@ -54,7 +54,8 @@ def build_state(cfg: config_lib.Config, *, num_instances: int, input_shape: tupl
   """Builds model, bank, optimizer (and classifier); call under strategy.scope()."""
   policy = model_lib.resolve_policy(cfg.model.mixed_precision)
   model = model_lib.build_embedding_model(cfg.model.arch, input_shape, embedding_dim=cfg.model.embedding_dim,
-                                          policy=policy, seed=cfg.train.seed, head_batchnorm=cfg.model.head_batchnorm)
+                                          policy=policy, seed=cfg.train.seed, head_batchnorm=cfg.model.head_batchnorm,
+                                          sync_batchnorm=cfg.model.sync_batchnorm)
   bank = memory_bank.MemoryBank(num_instances, cfg.model.embedding_dim, seed=cfg.train.seed)
   classifier = None
   if cfg.loss.objective == "parametric":
@@ -71,8 +72,14 @@ def build_state(cfg: config_lib.Config, *, num_instances: int, input_shape: tupl
 
 def compute_objective(features: tf.Tensor, ids: tf.Tensor, *, bank: memory_bank.MemoryBank,
                       classifier: keras.layers.Layer | None, cfg: config_lib.LossConfig, proximal_lambda: float,
-                      noise_seed: tf.Tensor) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
-  """Per-example loss [B] of the configured objective, reading (never writing) the bank; and diagnostics."""
+                      noise_seed: tf.Tensor, global_batch_size: int | None = None
+                      ) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
+  """Per-example loss [B] of the configured objective, reading (never writing) the bank; and diagnostics.
+
+  Noise draws depend on (noise_seed, position in the global batch) only, never on the replica count: every
+  replica draws the same shared K ids, or the same [global batch, K] block of which it takes its own rows. With
+  the same noise_seed on every replica, N replicas train exactly as one device on the same global batch.
+  """
   positives = bank.lookup(ids)  # [B, D]
   pos_similarity = tf.reduce_sum(features * positives, axis=1)  # [B]
   normalizer = tf.constant(0.0)
@@ -83,7 +90,9 @@ def compute_objective(features: tf.Tensor, ids: tf.Tensor, *, bank: memory_bank.
                                 [batch, cfg.num_negatives])  # [B, K]
       neg_similarity = tf.matmul(features, bank.lookup(neg_ids[0]), transpose_b=True)  # [B, K]
     else:
-      neg_ids = bank.sample_negatives([batch, cfg.num_negatives], seed=noise_seed)  # [B, K]
+      offset = distribute.replica_id() * batch  # This replica's first row in the global batch.
+      neg_ids = bank.sample_negatives([global_batch_size or batch, cfg.num_negatives], seed=noise_seed)
+      neg_ids = neg_ids[offset:offset + batch]  # [B, K]
       neg_similarity = tf.einsum("bd,bkd->bk", features, bank.lookup(neg_ids))
     estimate = distribute.all_reduce_mean(objectives.estimate_normalizer(
         pos_similarity, neg_similarity, temperature=cfg.temperature, num_instances=bank.num_instances))
@@ -111,13 +120,12 @@ def make_train_step(state: TrainState, cfg: config_lib.Config, *, global_batch_s
   def train_step(batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
     ids = batch[data_lib.ID_KEY]  # [B] int64
     step = tf.cast(state.optimizer.iterations, tf.int64)
-    noise_seed = tf.random.experimental.stateless_fold_in(
-        tf.stack([tf.constant(cfg.train.seed, tf.int64), step]), tf.cast(distribute.replica_id(), tf.int64))
+    noise_seed = tf.stack([tf.constant(cfg.train.seed, tf.int64), step])  # The same on every replica.
     with tf.GradientTape() as tape:
       features = tf.cast(state.model(batch[data_lib.IMAGE_KEY], training=True), tf.float32)  # [B, D]
       per_example, diagnostics = compute_objective(
           features, ids, bank=state.bank, classifier=state.classifier, cfg=cfg.loss,
-          proximal_lambda=cfg.bank.proximal_lambda, noise_seed=noise_seed)
+          proximal_lambda=cfg.bank.proximal_lambda, noise_seed=noise_seed, global_batch_size=global_batch_size)
       # Divide by the global batch: apply_gradients sums the replicas' gradients, giving the global mean.
       loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch_size)
       # Coupled L2 as PyTorch SGD's weight_decay (the paper's recipe), scaled so the replica sum counts it once.
