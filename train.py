@@ -130,9 +130,12 @@ def main(argv: list[str]) -> int:
   FLAGS.append_flags_into_file(os.path.join(cfg.train.model_dir, "flags.txt"))
   try:
     train_lib.run(cfg, distribute.make_strategy(cfg.train.strategy))
-  except (ValueError, FloatingPointError) as e:
+  except (ValueError, FloatingPointError, OSError) as e:
     print(f"train.py: {e}", file=sys.stderr)
     return 1
+  except train_lib.TrainingStopped as e:
+    print(f"train.py: {e}", file=sys.stderr)
+    return 128 + 15  # The shell's code for a SIGTERM ending.
   return 0
 
 

@@ -94,6 +94,32 @@ class SmokeTrainTest(absltest.TestCase):
     self.assertTrue(all(r["loss"] == r["loss"] for r in records))  # Finite, not NaN.
 
 
+  def test_sigterm_saves_the_current_step_and_the_run_resumes_from_it(self):
+    model_dir = self.create_tempdir().full_path
+    log = os.path.join(model_dir, "stderr.txt")
+    args = [testing.python(), TRAIN, f"--flagfile={SMOKE}", f"--model_dir={model_dir}", "--epochs=3",
+            "--steps_per_loop=1", "--nofinal_eval"]
+    with open(log, "w") as stderr:
+      process = subprocess.Popen(args, cwd=testing.REPO_ROOT, stdout=subprocess.DEVNULL, stderr=stderr)
+      deadline = time.time() + 240
+      while "epoch 1/3 step 2/" not in open(log).read() and time.time() < deadline:
+        time.sleep(0.05)
+      process.send_signal(signal.SIGTERM)
+      self.assertEqual(process.wait(timeout=120), 143)
+    output = open(log).read()
+    self.assertIn("stopped by signal 15 at step", output)
+    saved = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
+    step = int(saved.rsplit("-", 1)[1])
+    self.assertIn(f"checkpoint {saved} saved", output)
+    steps_per_epoch = 1024 // 64  # smoke.flags: --max_train_examples=1024 --batch_size=64.
+    self.assertGreaterEqual(step, 2)
+    self.assertNotEqual(step % steps_per_epoch, 0)  # Mid-epoch: not an epoch-end checkpoint.
+    resumed = subprocess.run(args, cwd=testing.REPO_ROOT, capture_output=True, text=True, timeout=300)
+    self.assertEqual(resumed.returncode, 0, resumed.stderr[-3000:])
+    self.assertIn(f"resumed at step {step} ", resumed.stderr)
+    self.assertEqual([r["epoch"] for r in _metrics(model_dir)], [1, 2, 3])
+
+
 @absltest.skipUnless(testing.has_fashion_mnist(), "needs Debian's dataset-fashion-mnist")
 class BadInputTest(absltest.TestCase):
 

@@ -310,6 +310,23 @@ class RunTest(tf.test.TestCase):
                     source=source)
     self.assertEqual(tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints")), good)
 
+  def test_failed_checkpoint_write_keeps_the_previous_checkpoint(self):
+    model_dir = self.create_tempdir().full_path
+    cfg = testing.tiny_config(model_dir, epochs=2, final_eval=False)  # Checkpoints at steps 4 and 8.
+    # A directory where step 8's data file must go: the write fails in the filesystem, as on a full disk.
+    os.makedirs(os.path.join(model_dir, "checkpoints", "ckpt-8.data-00000-of-00001"))
+    with self.assertRaisesRegex(OSError, r"cannot write the checkpoint of step 8 .* previous checkpoint .*ckpt-4 is "
+                                r"intact"):
+      train_lib.run(cfg, tf.distribute.get_strategy(), testing.tiny_source())
+    checkpoints = os.path.join(model_dir, "checkpoints")
+    self.assertEndsWith(tf.train.latest_checkpoint(checkpoints), "ckpt-4")
+    self.assertFalse(os.path.exists(os.path.join(checkpoints, "ckpt-8_temp")))
+    state, _ = _build(cfg, testing.tiny_source())
+    restored = checkpointing.restore_or_initialize(checkpointing.make_manager(state.checkpoint, model_dir,
+                                                                              max_to_keep=1))
+    self.assertEndsWith(restored, "ckpt-4")
+    self.assertEqual(int(state.optimizer.iterations), 4)
+
   def test_resume_refuses_a_different_run(self):
     model_dir = self.create_tempdir().full_path
     strategy = distribute.make_strategy("one_device")

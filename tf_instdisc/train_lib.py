@@ -7,12 +7,16 @@ The step reads the bank (positives, negatives) before it writes this batch's row
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import shutil
+import signal
+import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import keras
 import numpy as np
@@ -214,6 +218,7 @@ class _Run:
     self.writer = tf.summary.create_file_writer(os.path.join(self.model_dir, "train"))
     step_fn = make_train_step(self.state, cfg, global_batch_size=self.plan.global_batch_size)
     self.train_loop = make_train_loop(step_fn, strategy)
+    self.stop_signal: int | None = None
 
   def _clean_train_features(self) -> np.ndarray:
     """float32 [N, D]: the train split, un-augmented, through the current network."""
@@ -263,6 +268,11 @@ class _Run:
             f"stopping. The last good checkpoint is kept: {self.manager.latest_checkpoint}")
       self.step += num_steps
       count += num_steps
+      if self.stop_signal is not None:  # Set by the SIGTERM handler: save where we are and stop.
+        path = self._save()
+        raise TrainingStopped(f"stopped by signal {self.stop_signal} at step {self.step} (epoch {epoch + 1}, "
+                              f"step {self.step - epoch * spe}/{spe}); checkpoint {path} saved. Run the same "
+                              "command to resume.")
       sums = {k: sums[k] + outputs[k] * num_steps for k in METRIC_NAMES}
       rate = count * self.plan.global_batch_size / (time.time() - start)
       logging.info("epoch %d/%d step %d/%d loss %.4f lr %.4g %.0f img/s epoch ETA %s", epoch + 1,
@@ -280,6 +290,21 @@ class _Run:
       if bad is not None:
         raise ValueError(f"--data_dir: cannot decode image {bad}") from e
       raise
+
+  def _save(self) -> str:
+    """Saves a checkpoint of the current step. TensorFlow writes it under a temporary name and only then updates
+    the `checkpoint` index, so a failed write (disk full, permissions) leaves the previous checkpoint as latest.
+
+    Raises:
+      OSError: naming the checkpoint that failed and the previous one, which is intact.
+    """
+    try:
+      return self.manager.save(checkpoint_number=self.step)
+    except (tf.errors.OpError, OSError) as e:
+      shutil.rmtree(os.path.join(self.manager.directory, f"ckpt-{self.step}_temp"), ignore_errors=True)
+      raise OSError(f"cannot write the checkpoint of step {self.step} in {self.manager.directory} "
+                    f"({type(e).__name__}: {e}); the previous checkpoint {self.manager.latest_checkpoint} is "
+                    "intact and a rerun resumes from it") from e
 
   def _lr(self) -> float:
     return float(self.state.optimizer.learning_rate)
@@ -311,7 +336,7 @@ class _Run:
           (epoch + 1) % cfg.eval.eval_every_epochs == 0 or last):
         values.update(self._evaluate(tf.convert_to_tensor(self.state.bank.bank)))
       if (epoch + 1) % cfg.train.checkpoint_every_epochs == 0 or last:
-        self.manager.save(checkpoint_number=self.step)
+        self._save()
       self._record(epoch, values)
       self.writer.flush()
 
@@ -330,6 +355,29 @@ class _Run:
     return results
 
 
+class TrainingStopped(Exception):
+  """Training stopped on SIGTERM (preemption, `kill`, a scheduler) after saving a checkpoint of the current step."""
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm(current: _Run) -> Iterator[None]:
+  """While training, SIGTERM asks the loop to save and stop after its current steps_per_loop chunk."""
+  if threading.current_thread() is not threading.main_thread():  # Only the main thread may install handlers.
+    yield
+    return
+
+  def request_stop(signum, frame):
+    del frame
+    logging.warning("signal %d: saving a checkpoint after the current steps, then stopping", signum)
+    current.stop_signal = signum
+
+  previous = signal.signal(signal.SIGTERM, request_stop)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
 def run(cfg: config_lib.Config, strategy: tf.distribute.Strategy,
         source: data_lib.DataSource | None = None) -> dict[str, Any]:
   """Trains (resuming from cfg.train.model_dir when it holds a checkpoint), then runs the final kNN evaluation.
@@ -343,9 +391,11 @@ def run(cfg: config_lib.Config, strategy: tf.distribute.Strategy,
     The final evaluation results ({} when there is no labelled eval split or final_eval is off).
 
   Raises:
-    ValueError: bad configuration or data, naming the flag or file; FloatingPointError on a non-finite loss.
+    ValueError: bad configuration or data, naming the flag or file; FloatingPointError on a non-finite loss;
+    TrainingStopped on SIGTERM, after saving a checkpoint of the step it stopped at.
   """
   config_lib.validate(cfg)
   current = _Run(cfg, strategy, source)
-  current.train()
+  with _stop_on_sigterm(current):
+    current.train()
   return current.final_evaluation()
