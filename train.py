@@ -65,7 +65,8 @@ _HELP = {
     "steps_per_loop": "Steps per tf.function call and per progress line.",
     "checkpoint_every_epochs": "Save a checkpoint every N epochs (and at the end).",
     "keep_checkpoints": "Checkpoints to keep.",
-    "strategy": "auto, default, one_device or mirrored.",
+    "strategy": "auto (mirrored over several GPUs, else one device), default, one_device, mirrored (all GPUs, "
+                "or all logical CPUs) or multi_worker (MultiWorkerMirroredStrategy from $TF_CONFIG).",
     "knn_k": "Neighbours of the weighted kNN.",
     "knn_temperature": "Temperature of the kNN vote weights exp(s / t).",
     "eval_every_epochs": "kNN against the memory bank every N epochs (0 = never).",

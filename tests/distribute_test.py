@@ -4,6 +4,14 @@ from __future__ import annotations
 
 from tests import testing
 
+import json
+import os
+import socket
+import subprocess
+import sys
+from unittest import mock
+
+import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
 
@@ -63,3 +71,65 @@ class CollectivesTest(tf.test.TestCase):
 
 if __name__ == "__main__":
   tf.test.main()
+
+
+def _free_ports(count: int) -> list[int]:
+  sockets = [socket.socket() for _ in range(count)]
+  for s in sockets:
+    s.bind(("localhost", 0))
+  ports = [s.getsockname()[1] for s in sockets]
+  for s in sockets:
+    s.close()
+  return ports
+
+
+class MultiWorkerTest(tf.test.TestCase):
+  """Two worker processes on localhost under MultiWorkerMirroredStrategy (the README's local launch)."""
+
+  def test_two_workers_hold_the_same_bank_and_only_the_chief_writes(self):
+    tmp = self.create_tempdir().full_path
+    model_dir = os.path.join(tmp, "run")
+    cluster = {"worker": [f"localhost:{port}" for port in _free_ports(2)]}
+    script = os.path.join(testing.REPO_ROOT, "tests", "multi_worker_worker.py")
+    processes = []
+    for index in range(2):
+      env = {**os.environ, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
+             "TF_CPP_MIN_LOG_LEVEL": "2"}
+      log = open(os.path.join(tmp, f"worker{index}.log"), "w")
+      self.addCleanup(log.close)
+      processes.append(subprocess.Popen([sys.executable, script, model_dir, os.path.join(tmp, f"w{index}.npz")],
+                                        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=testing.REPO_ROOT))
+    for index, process in enumerate(processes):
+      try:
+        code = process.wait(timeout=400)
+      except subprocess.TimeoutExpired:
+        for p in processes:
+          p.kill()
+        raise
+      self.assertEqual(code, 0, open(os.path.join(tmp, f"worker{index}.log")).read()[-3000:])
+    w0, w1 = (np.load(os.path.join(tmp, f"w{i}.npz")) for i in range(2))
+    self.assertEqual(int(w0["replicas"]), 2)
+    self.assertEqual((bool(w0["chief"]), bool(w1["chief"])), (True, False))
+    self.assertEqual(int(w0["step"]), 2 * 64 // 16)
+    self.assertAllEqual(w0["bank"], w1["bank"])  # Bit-identical across processes.
+    self.assertEqual(float(w0["normalizer"]), float(w1["normalizer"]))
+    latest = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
+    self.assertEndsWith(latest, "ckpt-8")
+    self.assertAllEqual(tf.train.load_variable(latest, "bank/bank/.ATTRIBUTES/VARIABLE_VALUE"), w0["bank"])
+    self.assertEqual(sorted(os.listdir(model_dir)), ["checkpoints", "config.json", "final_metrics.json",
+                                                      "metrics.jsonl", "run.json", "train"])  # No scratch left.
+
+
+class TfConfigTest(tf.test.TestCase, parameterized.TestCase):
+
+  @parameterized.parameters("", "{not json", '{"cluster": {}}',
+                            '{"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 3}}')
+  def test_bad_tf_config_names_it(self, value):
+    with mock.patch.dict(os.environ, {"TF_CONFIG": value}):
+      with self.assertRaisesRegex(ValueError, "--strategy=multi_worker: TF_CONFIG"):
+        distribute.make_strategy("multi_worker")
+
+  def test_single_process_strategies_are_chief(self):
+    self.assertTrue(distribute.is_chief(tf.distribute.get_strategy()))
+    self.assertTrue(distribute.is_chief(testing.two_replica_strategy()))
+    self.assertEqual(distribute.task_name(tf.distribute.get_strategy()), "local")

@@ -15,7 +15,7 @@ OBJECTIVES = ("nce", "softmax", "parametric")
 NEGATIVE_SAMPLING = ("shared", "per_example")
 LR_SCHEDULES = ("step", "cosine")
 MIXED_PRECISION = ("off", "auto", "bfloat16", "float16")
-STRATEGIES = ("auto", "default", "one_device", "mirrored")
+STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker")
 BANK_INITS = ("random", "features")
 
 

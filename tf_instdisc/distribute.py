@@ -5,6 +5,9 @@ Only this module and train_lib touch the replica context (STYLE.md 6.6).
 
 from __future__ import annotations
 
+import json
+import os
+
 import tensorflow as tf
 
 
@@ -32,7 +35,14 @@ def make_strategy(kind: str) -> tf.distribute.Strategy:
   auto: MirroredStrategy over all GPUs when there are several, else one_device (GPU 0 or the CPU).
   default: TensorFlow's default (no-op) strategy. one_device: the first GPU, else the CPU.
   mirrored: MirroredStrategy over every GPU, or over all logical CPUs when there is no GPU.
+  multi_worker: MultiWorkerMirroredStrategy over the cluster in $TF_CONFIG (one process per host, started alike).
+
+  Raises:
+    ValueError: naming --strategy (or TF_CONFIG) when the kind is unknown or the cluster is not described.
   """
+  if kind == "multi_worker":  # First: listing devices would start TensorFlow before collectives are configured.
+    _check_tf_config()
+    return tf.distribute.MultiWorkerMirroredStrategy()
   gpus = tf.config.list_logical_devices("GPU")
   if kind == "auto":
     kind = "mirrored" if len(gpus) > 1 else "one_device"
@@ -46,6 +56,41 @@ def make_strategy(kind: str) -> tf.distribute.Strategy:
   raise ValueError(f"--strategy: unknown strategy {kind!r}")
 
 
+def _check_tf_config() -> None:
+  text = os.environ.get("TF_CONFIG", "")
+  try:
+    config = json.loads(text)
+    workers = config["cluster"]["worker"]
+    task = config["task"]
+    if task["type"] not in config["cluster"] or not 0 <= int(task["index"]) < len(config["cluster"][task["type"]]):
+      raise ValueError(f"task {task} is not in the cluster")
+  except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+    raise ValueError("--strategy=multi_worker: TF_CONFIG must describe the cluster and this task, e.g. "
+                     '{"cluster": {"worker": ["host1:12345", "host2:12345"]}, "task": {"type": "worker", "index": 0}}'
+                     f"; got {text!r} ({type(e).__name__}: {e})") from e
+  if not workers:
+    raise ValueError("--strategy=multi_worker: TF_CONFIG lists no workers")
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+  """Whether this process writes the run's files: always, except on the non-chief workers of a multi-worker run
+  (the chief is task "chief", or worker 0 when the cluster has no chief)."""
+  resolver = getattr(strategy, "cluster_resolver", None)
+  if resolver is None or not resolver.cluster_spec().as_dict():
+    return True
+  if resolver.task_type == "chief":
+    return True
+  return resolver.task_type == "worker" and resolver.task_id == 0 and "chief" not in resolver.cluster_spec().jobs
+
+
+def task_name(strategy: tf.distribute.Strategy) -> str:
+  """"worker-1" style name of this process in a multi-worker cluster ("local" otherwise)."""
+  resolver = getattr(strategy, "cluster_resolver", None)
+  if resolver is None or not resolver.cluster_spec().as_dict():
+    return "local"
+  return f"{resolver.task_type}-{resolver.task_id}"
+
+
 def num_replicas() -> int:
   return tf.distribute.get_strategy().num_replicas_in_sync
 
@@ -57,14 +102,24 @@ def replica_id() -> tf.Tensor:
 
 
 def all_gather(value: tf.Tensor) -> tf.Tensor:
-  """Concatenates `value` over replicas along axis 0, in replica order; identity on one replica.
+  """Concatenates `value` [B, ...] over replicas along axis 0, in replica order; identity on one replica.
 
-  all_gather has no gradient: call it on values that are already outside the tape.
+  Built from an all-reduce: each replica places its rows at its own offset in zeros and the sum assembles the
+  whole (exact: every entry sums one value and zeros). ReplicaContext.all_gather fails under
+  MultiWorkerMirroredStrategy in TF 2.20 ("destinations can not be empty"); this works under every strategy.
+  Integers travel as float64, exact below 2^53. No gradient: call it on values already outside the tape.
   """
   ctx = tf.distribute.get_replica_context()
   if ctx is None or ctx.num_replicas_in_sync == 1:
     return value
-  return ctx.all_gather(value, axis=0)
+  dtype = value.dtype
+  wide = tf.cast(value, tf.float64) if dtype.is_integer else value
+  rows = tf.shape(wide)[0]
+  offset = tf.cast(ctx.replica_id_in_sync_group, tf.int32) * rows
+  paddings = tf.concat([[[offset, (ctx.num_replicas_in_sync - 1) * rows - offset]],
+                        tf.zeros([tf.rank(wide) - 1, 2], tf.int32)], axis=0)
+  gathered = ctx.all_reduce(tf.distribute.ReduceOp.SUM, tf.pad(wide, paddings))
+  return tf.cast(gathered, dtype) if dtype.is_integer else gathered
 
 
 def all_reduce_mean(value: tf.Tensor) -> tf.Tensor:

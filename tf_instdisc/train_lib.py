@@ -188,12 +188,18 @@ def _format_seconds(seconds: float) -> str:
 
 
 class _Run:
-  """The Python side of one run: owns the model dir's files, summaries and console output."""
+  """The Python side of one run: owns the model dir's files, summaries and console output.
+
+  In a multi-worker run every worker trains, evaluates and saves (saving is a collective step), but only the chief
+  writes into the model dir: the other workers save their checkpoints to a scratch dir they delete at once, and
+  write no metrics, summaries or JSON. All workers restore from the chief's checkpoints (a shared filesystem).
+  """
 
   def __init__(self, cfg: config_lib.Config, strategy: tf.distribute.Strategy,
                source: data_lib.DataSource | None = None):
     self.cfg, self.strategy = cfg, strategy
     self.model_dir = cfg.train.model_dir
+    self.chief = distribute.is_chief(strategy)
     self.source = source or data_lib.load_source(cfg.data)
     self.plan = plan_run(cfg, self.source)
     self.identity = checkpointing.run_identity(
@@ -211,11 +217,17 @@ class _Run:
     logging.info("%s at step %d (%s)", "resumed" if restored else "starting", self.step, restored or "no checkpoint")
     if restored is None and cfg.bank.bank_init == "features":
       self._initialize_bank_from_features()
-    self._truncate_metrics(self.step // self.plan.steps_per_epoch)
-    checkpointing.save_run_identity(self.model_dir, self.identity)
-    checkpointing.write_json_atomic(os.path.join(self.model_dir, checkpointing.CONFIG_FILE), config_lib.to_dict(cfg))
+    self.scratch_dir = None
+    if self.chief:
+      self._truncate_metrics(self.step // self.plan.steps_per_epoch)
+      checkpointing.save_run_identity(self.model_dir, self.identity)
+      checkpointing.write_json_atomic(os.path.join(self.model_dir, checkpointing.CONFIG_FILE),
+                                      config_lib.to_dict(cfg))
+      self.writer = tf.summary.create_file_writer(os.path.join(self.model_dir, "train"))
+    else:
+      self.scratch_dir = os.path.join(self.model_dir, f".scratch-{distribute.task_name(strategy)}")
+      self.writer = tf.summary.create_noop_writer()
     self.evaluator = self._build_evaluator()
-    self.writer = tf.summary.create_file_writer(os.path.join(self.model_dir, "train"))
     step_fn = make_train_step(self.state, cfg, global_batch_size=self.plan.global_batch_size)
     self.train_loop = make_train_loop(step_fn, strategy)
     self.stop_signal: int | None = None
@@ -257,7 +269,10 @@ class _Run:
     dataset = data_lib.make_train_dataset(
         self.source, self.cfg.data, self.cfg.augment, batch_size=self.plan.global_batch_size,
         seed=self.cfg.train.seed, epoch=epoch, skip_batches=self.step - epoch * spe)
-    iterator = iter(self.strategy.experimental_distribute_dataset(dataset))
+    # Every worker builds the same global batches; each keeps its replicas' share of every batch.
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    iterator = iter(self.strategy.experimental_distribute_dataset(dataset.with_options(options)))
     sums, count, start = dict.fromkeys(METRIC_NAMES, 0.0), 0, time.time()
     while self.step < end:
       num_steps = min(self.cfg.train.steps_per_loop, end - self.step)
@@ -299,7 +314,13 @@ class _Run:
       OSError: naming the checkpoint that failed and the previous one, which is intact.
     """
     try:
-      return self.manager.save(checkpoint_number=self.step)
+      if self.scratch_dir is None:
+        return self.manager.save(checkpoint_number=self.step)
+      # A non-chief worker takes part in the save but keeps nothing: the chief's copy is the checkpoint.
+      scratch = checkpointing.make_manager(self.state.checkpoint, self.scratch_dir, max_to_keep=1)
+      scratch.save(checkpoint_number=self.step)
+      shutil.rmtree(self.scratch_dir, ignore_errors=True)
+      return os.path.join(self.manager.directory, f"ckpt-{self.step}")
     except (tf.errors.OpError, OSError) as e:
       shutil.rmtree(os.path.join(self.manager.directory, f"ckpt-{self.step}_temp"), ignore_errors=True)
       raise OSError(f"cannot write the checkpoint of step {self.step} in {self.manager.directory} "
@@ -316,8 +337,9 @@ class _Run:
 
   def _record(self, epoch: int, values: dict[str, Any]) -> None:
     record = {"epoch": epoch + 1, "step": self.step, "lr": self._lr(), "knn_top1": None, "knn_top5": None, **values}
-    with open(os.path.join(self.model_dir, METRICS_FILE), "a") as f:
-      f.write(json.dumps(record) + "\n")
+    if self.chief:
+      with open(os.path.join(self.model_dir, METRICS_FILE), "a") as f:
+        f.write(json.dumps(record) + "\n")
     with self.writer.as_default(step=self.step):
       for name in ("loss", "lr", "normalizer", "positive_similarity", "images_per_sec", "knn_top1", "knn_top5"):
         if record.get(name) is not None:
@@ -349,7 +371,8 @@ class _Run:
     results = {"epoch": self.step // self.plan.steps_per_epoch, "step": self.step, "knn_k": self.cfg.eval.knn_k,
                "knn_temperature": self.cfg.eval.knn_temperature, "keys": "clean_train_features", **results,
                "seconds": time.time() - start}
-    checkpointing.write_json_atomic(os.path.join(self.model_dir, FINAL_METRICS_FILE), results)
+    if self.chief:
+      checkpointing.write_json_atomic(os.path.join(self.model_dir, FINAL_METRICS_FILE), results)
     logging.info("final kNN (k=%d) against clean train features: top-1 %.2f%% top-5 %.2f%%", self.cfg.eval.knn_k,
                  100 * results["knn_top1"], 100 * results["knn_top5"])
     return results

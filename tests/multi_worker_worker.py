@@ -1,0 +1,48 @@
+"""One worker of the multi-worker test (run as a subprocess by distribute_test): trains a tiny run with
+--strategy=multi_worker from $TF_CONFIG and saves its own copy of the memory bank and Z.
+
+  python tests/multi_worker_worker.py MODEL_DIR OUTPUT.npz
+
+Not a test module (no tests.testing import: that would split the CPU into two logical devices).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+
+from tf_instdisc import config as config_lib  # noqa: E402
+from tf_instdisc import data as data_lib  # noqa: E402
+from tf_instdisc import distribute  # noqa: E402
+from tf_instdisc import train_lib  # noqa: E402
+
+
+def main(model_dir: str, output: str) -> None:
+  rng = np.random.default_rng(0)
+  labels = np.arange(64) % 4
+  images = np.clip(labels[:, None, None, None] * 60 + rng.normal(0, 20, (64, 8, 8, 1)), 0, 255).astype(np.uint8)
+  source = data_lib.source_from_arrays("tiny", images, labels, images[:32], labels[:32], num_classes=4)
+  cfg = config_lib.Config(
+      data=config_lib.DataConfig(dataset="tiny"), augment=config_lib.AugmentConfig(),
+      model=config_lib.ModelConfig(arch="convnet_small", embedding_dim=16), bank=config_lib.BankConfig(),
+      loss=config_lib.LossConfig(num_negatives=16), optim=config_lib.OptimConfig(),
+      train=config_lib.TrainConfig(model_dir=model_dir, batch_size=16, epochs=2, steps_per_loop=2,
+                                   strategy="multi_worker"),
+      eval=config_lib.EvalConfig(knn_k=5, eval_batch_size=32))
+  strategy = distribute.make_strategy("multi_worker")
+  current = train_lib._Run(cfg, strategy, source)  # What run() does, keeping the state to inspect.
+  current.train()
+  current.final_evaluation()
+  bank = current.state.bank
+  np.savez(output, bank=distribute.local_variable(bank.bank).numpy(),
+           normalizer=float(distribute.local_variable(bank.normalizer).numpy()),
+           replicas=strategy.num_replicas_in_sync, chief=current.chief, step=current.step)
+
+
+if __name__ == "__main__":
+  main(*sys.argv[1:3])
