@@ -65,6 +65,8 @@ _HELP = {
     "steps_per_loop": "Steps per tf.function call and per progress line.",
     "checkpoint_every_epochs": "Save a checkpoint every N epochs (and at the end).",
     "keep_checkpoints": "Checkpoints to keep.",
+    "cpu_devices": "Split the CPU into N logical devices (0: no split): --strategy=mirrored then runs N "
+                   "replicas on a CPU host, e.g. to check multi-replica runs without GPUs.",
     "strategy": "auto (mirrored over several GPUs, else one device), default, one_device, mirrored (all GPUs, "
                 "or all logical CPUs) or multi_worker (MultiWorkerMirroredStrategy from $TF_CONFIG).",
     "knn_k": "Neighbours of the weighted kNN.",
@@ -126,6 +128,9 @@ def main(argv: list[str]) -> int:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
   from tf_instdisc import distribute
   from tf_instdisc import train_lib
+
+  if cfg.train.cpu_devices:
+    distribute.split_cpu(cfg.train.cpu_devices)
 
   os.makedirs(cfg.train.model_dir, exist_ok=True)
   FLAGS.append_flags_into_file(os.path.join(cfg.train.model_dir, "flags.txt"))

@@ -63,6 +63,8 @@ class ValidateTest(tf.test.TestCase, parameterized.TestCase):
       ("empty_model_dir", {"model_dir": ""}, "model_dir"),
       ("zero_batch_size", {"batch_size": 0}, "batch_size"),
       ("unknown_strategy", {"strategy": "tpu_pod"}, "strategy"),
+      ("negative_cpu_devices", {"cpu_devices": -1}, "cpu_devices"),
+      ("cpu_devices_with_multi_worker", {"cpu_devices": 2, "strategy": "multi_worker"}, "cpu_devices"),
       ("unknown_mixed_precision", {"mixed_precision": "fp8"}, "mixed_precision"),
       ("folder_without_data_dir", {"dataset": "folder", "data_dir": ""}, "data_dir"),
       ("empty_dataset", {"dataset": ""}, "dataset"),

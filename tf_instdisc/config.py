@@ -99,6 +99,7 @@ class TrainConfig:
   checkpoint_every_epochs: int = 1
   keep_checkpoints: int = 3
   strategy: str = "auto"
+  cpu_devices: int = 0  # Split the CPU into this many logical devices (0: no split), e.g. for --strategy=mirrored.
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -178,6 +179,9 @@ def validate(cfg: Config) -> Config:
   _check(t.steps_per_loop > 0, "steps_per_loop", "must be > 0")
   _check(t.checkpoint_every_epochs > 0, "checkpoint_every_epochs", "must be > 0")
   _check(t.keep_checkpoints > 0, "keep_checkpoints", "must be > 0")
+  _check(t.cpu_devices >= 0, "cpu_devices", "must be >= 0")
+  _check(t.cpu_devices == 0 or t.strategy in ("mirrored", "one_device", "default"), "cpu_devices",
+         f"splits one host's CPU for a single-process strategy, not --strategy={t.strategy}")
   _check_choice(t.strategy, "strategy", STRATEGIES)
   _check(e.knn_k > 0, "knn_k", "must be > 0")
   _check(e.knn_temperature > 0.0, "knn_temperature", "must be > 0")

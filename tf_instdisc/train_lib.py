@@ -214,7 +214,8 @@ class _Run:
                                               max_to_keep=cfg.train.keep_checkpoints)
     restored = checkpointing.restore_or_initialize(self.manager)
     self.step = int(self.state.optimizer.iterations.numpy())
-    logging.info("%s at step %d (%s)", "resumed" if restored else "starting", self.step, restored or "no checkpoint")
+    logging.info("%s at step %d (%s); %s, %d replica(s)", "resumed" if restored else "starting", self.step,
+                 restored or "no checkpoint", type(strategy).__name__, strategy.num_replicas_in_sync)
     if restored is None and cfg.bank.bank_init == "features":
       self._initialize_bank_from_features()
     self.scratch_dir = None
