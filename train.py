@@ -42,6 +42,8 @@ _HELP = {
                        "Logits and the bank stay float32.",
     "bank_init": "Initial memory bank: random (seeded unit rows, the official code) or features (the untrained "
                  "network's clean features: no random targets in the first epoch; one extra forward pass).",
+    "bank_dtype": "Storage of the memory bank: float32, or bfloat16 / float16 (half the memory; reads and updates "
+                  "compute in float32, the exact softmax multiplies in the bank's dtype).",
     "bank_momentum": "Memory-bank momentum m: v <- normalise(m v + (1 - m) f).",
     "proximal_lambda": "Weight of the proximal term lambda ||f_i - v_i||^2 (0 = off).",
     "objective": "nce (NCE with --num_negatives noise samples), softmax (exact non-parametric softmax over the "

@@ -120,7 +120,8 @@ class ResumeCheckTest(tf.test.TestCase):
     checkpointing.check_resume(model_dir, identity)
     for field, value, flag in (("dataset", "other", "--dataset"), ("num_instances", 65, "--max_train_examples"),
                                ("arch", "resnet18", "--arch"), ("embedding_dim", 32, "--embedding_dim"),
-                               ("objective", "softmax", "--objective"), ("image_shape", (9, 9, 1), "--image_size")):
+                               ("objective", "softmax", "--objective"), ("image_shape", (9, 9, 1), "--image_size"),
+                               ("bank_dtype", "bfloat16", "--bank_dtype")):
       with self.subTest(field):
         with self.assertRaisesRegex(ValueError, flag):
           checkpointing.check_resume(model_dir, checkpointing.run_identity(**{**_IDENTITY, field: value}))

@@ -224,6 +224,49 @@ class SampleNegativesTest(tf.test.TestCase, parameterized.TestCase):
     self.assertAllInRange(counts, 850, 1150)
 
 
+class ReducedPrecisionTest(tf.test.TestCase, parameterized.TestCase):
+  """--bank_dtype: half the memory; float32 reads and updates; one rounding per write."""
+
+  @parameterized.parameters(("bfloat16", 2e-2), ("float16", 2e-3))
+  def test_storage_lookup_update_and_similarities(self, dtype, tolerance):
+    bank = memory_bank.MemoryBank(NUM_INSTANCES, DIM, seed=0, dtype=dtype)
+    reference = memory_bank.MemoryBank(NUM_INSTANCES, DIM, seed=0)
+    self.assertEqual(bank.bank.dtype, tf.as_dtype(dtype))
+    self.assertEqual(bank.bank.numpy().nbytes * 2, reference.bank.numpy().nbytes)
+    ids = tf.constant([3, 7])
+    self.assertEqual(bank.lookup(ids).dtype, tf.float32)
+    self.assertAllClose(bank.lookup(ids), reference.lookup(ids), atol=tolerance)
+    before = bank.bank.numpy().astype(np.float32)
+    features = _unit_rows(2, seed=4)
+    bank.update(ids, tf.constant(features), momentum=0.5)
+    expected = numpy_update(before, ids.numpy(), features, 0.5)  # From the rounded rows, in float64.
+    self.assertAllClose(bank.bank.numpy().astype(np.float32), expected, atol=tolerance)
+    queries = _unit_rows(3, seed=5)
+    similarities = bank.similarities(tf.constant(queries))
+    self.assertEqual(similarities.dtype, tf.float32)
+    self.assertAllClose(similarities, queries @ bank.as_float32().numpy().T, atol=2 * tolerance)
+
+  def test_two_replicas_stay_bit_identical(self):
+    strategy = testing.two_replica_strategy()
+    with strategy.scope():
+      bank = memory_bank.MemoryBank(NUM_INSTANCES, DIM, seed=0, dtype="bfloat16")
+
+    @tf.function
+    def step(ids, features):
+      def replica_fn(ids, features):
+        bank.update(distribute.all_gather(ids), distribute.all_gather(features), momentum=0.5)
+      strategy.run(replica_fn, args=(ids, features))
+
+    ids = strategy.experimental_distribute_values_from_function(lambda ctx: tf.constant([ctx.replica_id_in_sync_group]))
+    features = strategy.experimental_distribute_values_from_function(
+        lambda ctx: tf.constant(_unit_rows(1, seed=10 + ctx.replica_id_in_sync_group)))
+    step(ids, features)
+    copies = [v.numpy() for v in bank.bank.values]
+    self.assertAllEqual(copies[0], copies[1])
+    self.assertFalse(np.array_equal(copies[0][:2], memory_bank.MemoryBank(NUM_INSTANCES, DIM, seed=0,
+                                                                          dtype="bfloat16").bank.numpy()[:2]))
+
+
 class TwoReplicaTest(tf.test.TestCase):
 
   def test_copies_identical_and_match_numpy(self):

@@ -89,14 +89,15 @@ def restore_model(model, model_dir: str) -> tuple[str, int]:
 
 
 def run_identity(*, dataset: str, num_instances: int, arch: str, embedding_dim: int, objective: str,
-                 image_shape: tuple[int, ...]) -> dict[str, Any]:
+                 image_shape: tuple[int, ...], bank_dtype: str = "float32") -> dict[str, Any]:
   """The facts of a run that a checkpoint depends on; flags that may change across a resume are not in it."""
   return {"dataset": dataset, "num_instances": num_instances, "arch": arch, "embedding_dim": embedding_dim,
-          "objective": objective, "image_shape": list(image_shape)}
+          "objective": objective, "image_shape": list(image_shape), "bank_dtype": bank_dtype}
 
 
 _FLAG_OF = {"dataset": "dataset", "num_instances": "max_train_examples", "arch": "arch",
-            "embedding_dim": "embedding_dim", "objective": "objective", "image_shape": "image_size"}
+            "embedding_dim": "embedding_dim", "objective": "objective", "image_shape": "image_size",
+            "bank_dtype": "bank_dtype"}
 
 
 def check_resume(model_dir: str, identity: dict[str, Any]) -> None:

@@ -17,6 +17,7 @@ LR_SCHEDULES = ("step", "cosine")
 MIXED_PRECISION = ("off", "auto", "bfloat16", "float16")
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker")
 BANK_INITS = ("random", "features")
+BANK_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -66,6 +67,9 @@ class BankConfig:
   bank_init: str = "random"
   bank_momentum: float = 0.5  # v <- normalise(m v + (1 - m) f); 0 writes the new feature as is.
   proximal_lambda: float = 0.0  # Weight of the paper's proximal term lambda ||f_i - v_i||^2 (Sec. 3.3).
+  # Storage of the bank: float32, or bfloat16 / float16 at half the memory for collections whose float32 bank
+  # does not fit on a device. Reads and updates compute in float32; only the stored rows are rounded.
+  bank_dtype: str = "float32"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -158,6 +162,7 @@ def validate(cfg: Config) -> Config:
   _check(m.embedding_dim > 0, "embedding_dim", "must be > 0")
   _check_choice(m.mixed_precision, "mixed_precision", MIXED_PRECISION)
   _check_choice(b.bank_init, "bank_init", BANK_INITS)
+  _check_choice(b.bank_dtype, "bank_dtype", BANK_DTYPES)
   _check(0.0 <= b.bank_momentum < 1.0, "bank_momentum", "must be in [0, 1)")
   _check(b.proximal_lambda >= 0.0, "proximal_lambda", "must be >= 0")
   _check_choice(loss.objective, "objective", OBJECTIVES)

@@ -60,7 +60,8 @@ def build_state(cfg: config_lib.Config, *, num_instances: int, input_shape: tupl
   model = model_lib.build_embedding_model(cfg.model.arch, input_shape, embedding_dim=cfg.model.embedding_dim,
                                           policy=policy, seed=cfg.train.seed, head_batchnorm=cfg.model.head_batchnorm,
                                           sync_batchnorm=cfg.model.sync_batchnorm)
-  bank = memory_bank.MemoryBank(num_instances, cfg.model.embedding_dim, seed=cfg.train.seed)
+  bank = memory_bank.MemoryBank(num_instances, cfg.model.embedding_dim, seed=cfg.train.seed,
+                                dtype=cfg.bank.bank_dtype)
   classifier = None
   if cfg.loss.objective == "parametric":
     classifier = model_lib.build_instance_classifier(num_instances, cfg.model.embedding_dim, seed=cfg.train.seed)
@@ -107,7 +108,7 @@ def compute_objective(features: tf.Tensor, ids: tf.Tensor, *, bank: memory_bank.
     per_example = objectives.nce_loss(objectives.nce_logits(pos_similarity, **logit_args),
                                       objectives.nce_logits(neg_similarity, **logit_args), neg_mask=neg_mask)
   elif cfg.objective == "softmax":
-    logits = tf.matmul(features, distribute.local_variable(bank.bank), transpose_b=True)  # [B, N]
+    logits = bank.similarities(features)  # [B, N]
     per_example = objectives.softmax_instance_loss(logits, ids, temperature=cfg.temperature)
   else:  # parametric: w_i . f, no temperature (paper Eq. 1); the weights' norm sets the scale.
     per_example = objectives.softmax_instance_loss(classifier(features), ids, temperature=1.0)
@@ -204,7 +205,8 @@ class _Run:
     self.plan = plan_run(cfg, self.source)
     self.identity = checkpointing.run_identity(
         dataset=cfg.data.dataset, num_instances=self.plan.num_instances, arch=cfg.model.arch,
-        embedding_dim=cfg.model.embedding_dim, objective=cfg.loss.objective, image_shape=self.plan.input_shape)
+        embedding_dim=cfg.model.embedding_dim, objective=cfg.loss.objective, image_shape=self.plan.input_shape,
+        bank_dtype=cfg.bank.bank_dtype)
     os.makedirs(self.model_dir, exist_ok=True)
     checkpointing.check_resume(self.model_dir, self.identity)
     with strategy.scope():
@@ -357,7 +359,7 @@ class _Run:
       last = epoch + 1 == cfg.train.epochs
       if self.evaluator is not None and cfg.eval.eval_every_epochs and (
           (epoch + 1) % cfg.eval.eval_every_epochs == 0 or last):
-        values.update(self._evaluate(tf.convert_to_tensor(self.state.bank.bank)))
+        values.update(self._evaluate(self.state.bank.as_float32()))
       if (epoch + 1) % cfg.train.checkpoint_every_epochs == 0 or last:
         self._save()
       self._record(epoch, values)
