@@ -6,9 +6,11 @@ from tests import testing
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from unittest import mock
 
 import numpy as np
@@ -86,19 +88,53 @@ def _free_ports(count: int) -> list[int]:
 class MultiWorkerTest(tf.test.TestCase):
   """Two worker processes on localhost under MultiWorkerMirroredStrategy (the README's local launch)."""
 
-  def test_two_workers_hold_the_same_bank_and_only_the_chief_writes(self):
-    tmp = self.create_tempdir().full_path
-    model_dir = os.path.join(tmp, "run")
+  def _start_workers(self, tmp: str, model_dir: str, epochs: int, tag: str = "") -> list[subprocess.Popen]:
     cluster = {"worker": [f"localhost:{port}" for port in _free_ports(2)]}
     script = os.path.join(testing.REPO_ROOT, "tests", "multi_worker_worker.py")
     processes = []
     for index in range(2):
       env = {**os.environ, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
              "TF_CPP_MIN_LOG_LEVEL": "2"}
-      log = open(os.path.join(tmp, f"worker{index}.log"), "w")
+      log = open(os.path.join(tmp, f"worker{index}{tag}.log"), "w")
       self.addCleanup(log.close)
-      processes.append(subprocess.Popen([sys.executable, script, model_dir, os.path.join(tmp, f"w{index}.npz")],
-                                        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=testing.REPO_ROOT))
+      processes.append(subprocess.Popen(
+          [sys.executable, script, model_dir, os.path.join(tmp, f"w{index}.npz"), str(epochs)],
+          env=env, stdout=log, stderr=subprocess.STDOUT, cwd=testing.REPO_ROOT))
+      self.addCleanup(lambda p=processes[-1]: p.poll() is None and p.kill())
+    return processes
+
+  def test_killed_workers_restart_from_the_chiefs_checkpoint(self):
+    tmp = self.create_tempdir().full_path
+    model_dir = os.path.join(tmp, "run")
+    processes = self._start_workers(tmp, model_dir, epochs=3)
+    checkpoints = os.path.join(model_dir, "checkpoints")
+    deadline = time.time() + 300
+    while tf.train.latest_checkpoint(checkpoints) is None and time.time() < deadline:
+      time.sleep(0.05)
+    processes[1].send_signal(signal.SIGKILL)  # A worker dies mid-run; the cluster manager restarts everyone.
+    processes[1].wait()
+    processes[0].kill()
+    processes[0].wait()
+    saved = tf.train.latest_checkpoint(checkpoints)
+    self.assertIsNotNone(saved, "no checkpoint before the deadline")
+    step = int(saved.rsplit("-", 1)[1])
+    self.assertLess(step, 3 * 64 // 16)
+    for index, process in enumerate(self._start_workers(tmp, model_dir, epochs=3, tag="-restart")):
+      self.assertEqual(process.wait(timeout=400), 0,
+                       open(os.path.join(tmp, f"worker{index}-restart.log")).read()[-3000:])
+      self.assertIn(f"resumed at step {step} ", open(os.path.join(tmp, f"worker{index}-restart.log")).read())
+    w0, w1 = (np.load(os.path.join(tmp, f"w{i}.npz")) for i in range(2))
+    self.assertEqual(int(w0["step"]), 3 * 64 // 16)
+    self.assertAllEqual(w0["bank"], w1["bank"])
+    with open(os.path.join(model_dir, "metrics.jsonl")) as f:
+      records = [json.loads(line) for line in f]
+    self.assertEqual([r["epoch"] for r in records], [1, 2, 3])
+    self.assertTrue(all(np.isfinite(r["loss"]) for r in records))
+
+  def test_two_workers_hold_the_same_bank_and_only_the_chief_writes(self):
+    tmp = self.create_tempdir().full_path
+    model_dir = os.path.join(tmp, "run")
+    processes = self._start_workers(tmp, model_dir, epochs=2)
     for index, process in enumerate(processes):
       try:
         code = process.wait(timeout=400)

@@ -1,7 +1,7 @@
 """One worker of the multi-worker test (run as a subprocess by distribute_test): trains a tiny run with
 --strategy=multi_worker from $TF_CONFIG and saves its own copy of the memory bank and Z.
 
-  python tests/multi_worker_worker.py MODEL_DIR OUTPUT.npz
+  python tests/multi_worker_worker.py MODEL_DIR OUTPUT.npz [EPOCHS]
 
 Not a test module (no tests.testing import: that would split the CPU into two logical devices).
 """
@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
+from absl import logging  # noqa: E402
 
 from tf_instdisc import config as config_lib  # noqa: E402
 from tf_instdisc import data as data_lib  # noqa: E402
@@ -22,7 +23,9 @@ from tf_instdisc import distribute  # noqa: E402
 from tf_instdisc import train_lib  # noqa: E402
 
 
-def main(model_dir: str, output: str) -> None:
+def main(model_dir: str, output: str, epochs: str = "2") -> None:
+  logging.set_verbosity(logging.INFO)  # The progress lines ("resumed at step N") on stderr, as train.py prints.
+  logging.set_stderrthreshold(logging.INFO)
   rng = np.random.default_rng(0)
   labels = np.arange(64) % 4
   images = np.clip(labels[:, None, None, None] * 60 + rng.normal(0, 20, (64, 8, 8, 1)), 0, 255).astype(np.uint8)
@@ -31,7 +34,7 @@ def main(model_dir: str, output: str) -> None:
       data=config_lib.DataConfig(dataset="tiny"), augment=config_lib.AugmentConfig(),
       model=config_lib.ModelConfig(arch="convnet_small", embedding_dim=16), bank=config_lib.BankConfig(),
       loss=config_lib.LossConfig(num_negatives=16), optim=config_lib.OptimConfig(),
-      train=config_lib.TrainConfig(model_dir=model_dir, batch_size=16, epochs=2, steps_per_loop=2,
+      train=config_lib.TrainConfig(model_dir=model_dir, batch_size=16, epochs=int(epochs), steps_per_loop=1,
                                    strategy="multi_worker"),
       eval=config_lib.EvalConfig(knn_k=5, eval_batch_size=32))
   strategy = distribute.make_strategy("multi_worker")
@@ -45,4 +48,4 @@ def main(model_dir: str, output: str) -> None:
 
 
 if __name__ == "__main__":
-  main(*sys.argv[1:3])
+  main(*sys.argv[1:4])
