@@ -23,6 +23,7 @@ from tf_instdisc import config as config_lib
 from tf_instdisc import data as data_lib
 from tf_instdisc import distribute
 from tf_instdisc import index as index_lib
+from tf_instdisc import search
 from tf_instdisc import train_lib
 
 
@@ -100,6 +101,30 @@ class ArtifactTest(tf.test.TestCase):
     train = data_lib.read_idx(os.path.join(testing.FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz"))
     for row, image in images.items():
       self.assertAllEqual(image[..., 0], train[row])
+
+  def test_search_files_lists_neighbours_and_draws_the_grid(self):
+    tmp = self.create_tempdir().full_path
+    paths = []
+    for i, image in enumerate(_fashion_images(2)):
+      paths.append(os.path.join(tmp, f"q{i}.png"))
+      tf.io.write_file(paths[-1], tf.io.encode_png(image))
+    grid = os.path.join(tmp, "grid.png")
+    lines = search.search_files(self.export_dir, paths, k=3, grid=grid)
+    self.assertEqual(lines[0], f"{self.export_dir}: 64 items, scann search")
+    self.assertEqual([line for line in lines if line.startswith("query")], [f"query {p}" for p in paths])
+    self.assertLen([line for line in lines if "score" in line], 6)
+    self.assertRegex(lines[2], r"^\s+1  score [01]\.\d{4}  id \d+  label \S")
+    self.assertEqual(lines[-1], f"wrote {grid}")
+    self.assertGreater(os.path.getsize(grid), 1000)
+
+  def test_bad_query_files_name_the_flag(self):
+    with self.assertRaisesRegex(ValueError, "--image: /no/such.png does not exist"):
+      search.read_queries(["/no/such.png"], channels=1)
+    not_image = os.path.join(self.create_tempdir().full_path, "x.png")
+    with open(not_image, "w") as f:
+      f.write("text")
+    with self.assertRaisesRegex(ValueError, f"--image: cannot decode {not_image}"):
+      search.read_queries([not_image], channels=1)
 
   def test_scann_and_exact_search_agree(self):
     self.assertEqual(self.exported.backend, "scann")

@@ -24,8 +24,6 @@ import train
 
 PACKAGE_DIR = os.path.join(testing.REPO_ROOT, "tf_instdisc")
 FORBIDDEN_MODULE_NAMES = ("utils", "util", "common", "helpers", "helper")
-# `python -m tf_instdisc.search` (the command) needs its entry point inside the package; nothing imports it.
-PACKAGE_ENTRY_POINTS = ("search.py",)
 CLI_TIMEOUT_SECONDS = 60  # A hang guard; the runs below take well under a second on a quiet machine.
 
 
@@ -311,20 +309,8 @@ class HygieneTest(tf.test.TestCase, parameterized.TestCase):
     self.assertEqual(imports_absl_flags(ast.parse(source)), expected)
 
   def test_no_library_module_imports_absl_flags(self):
-    offenders = [os.path.relpath(p, PACKAGE_DIR) for p in _package_modules()
-                 if imports_absl_flags(_parse_module(p)) and os.path.basename(p) not in PACKAGE_ENTRY_POINTS]
+    offenders = [os.path.relpath(p, PACKAGE_DIR) for p in _package_modules() if imports_absl_flags(_parse_module(p))]
     self.assertEqual(offenders, [], "only entry points may define flags (STYLE.md 6.2)")
-
-  def test_no_module_imports_the_package_entry_points(self):
-    # search.py defines required flags at import: a module (or a test, in pytest's one process) importing it would
-    # drag them into every program, and the next FLAGS parse would fail on them.
-    entry_modules = {os.path.splitext(name)[0] for name in PACKAGE_ENTRY_POINTS}
-    candidates = _package_modules() + glob.glob(os.path.join(testing.REPO_ROOT, "*.py")) + glob.glob(
-        os.path.join(testing.REPO_ROOT, "tests", "*.py"))
-    offenders = [os.path.relpath(p, testing.REPO_ROOT) for p in candidates
-                 if any(isinstance(node, ast.ImportFrom) and node.module == "tf_instdisc"
-                        and {a.name for a in node.names} & entry_modules for node in ast.walk(_parse_module(p)))]
-    self.assertEqual(offenders, [])
 
   def test_every_library_module_has_a_docstring(self):
     missing = [os.path.relpath(p, PACKAGE_DIR) for p in _package_modules() if not ast.get_docstring(_parse_module(p))]

@@ -1,5 +1,5 @@
 """End to end: train.py (smoke.flags) -> export/export.py over the full Fashion-MNIST train split -> the ScaNN index on
-learned embeddings -> tf_instdisc.load -> python -m tf_instdisc.search with a grid; SIGKILL mid-export; bad flags."""
+learned embeddings -> tf_instdisc.load -> export/search.py with a grid; SIGKILL mid-export; bad flags."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from tf_instdisc import index as index_lib
 
 TRAIN = os.path.join(testing.REPO_ROOT, "train.py")
 EXPORT = os.path.join(testing.REPO_ROOT, "export", "export.py")
+SEARCH = os.path.join(testing.REPO_ROOT, "export", "search.py")
 SMOKE = os.path.join(testing.REPO_ROOT, "smoke.flags")
 FULL_TRAIN_SPLIT = 60000
 
@@ -82,7 +83,7 @@ class ExportEndToEndTest(absltest.TestCase):
       paths.append(os.path.join(self.tmp, f"query{i}.png"))
       tf.io.write_file(paths[-1], tf.io.encode_png(image))
     grid = os.path.join(self.tmp, "grid.png")
-    result = _run("-m", "tf_instdisc.search", f"--export_dir={self.export_dir}", f"--image={paths[0]}",
+    result = _run(SEARCH, f"--export_dir={self.export_dir}", f"--image={paths[0]}",
                   f"--image={paths[1]}", "--k=5", f"--grid={grid}")
     self.assertEqual(result.returncode, 0, result.stderr[-3000:])
     lines = result.stdout.splitlines()
@@ -94,10 +95,10 @@ class ExportEndToEndTest(absltest.TestCase):
     self.assertGreater(picture.shape[1], picture.shape[0])  # 2 rows of 6 panels.
 
   def test_search_command_names_a_bad_flag(self):
-    result = _run("-m", "tf_instdisc.search", f"--export_dir={self.export_dir}", "--image=/no/such.png")
+    result = _run(SEARCH, f"--export_dir={self.export_dir}", "--image=/no/such.png")
     self.assertEqual(result.returncode, 1)
     self.assertIn("--image: /no/such.png does not exist", result.stderr)
-    result = _run("-m", "tf_instdisc.search", f"--export_dir={self.tmp}/nothing", f"--image={SMOKE}")
+    result = _run(SEARCH, f"--export_dir={self.tmp}/nothing", f"--image={SMOKE}")
     self.assertEqual(result.returncode, 1)
     self.assertIn("does not exist", result.stderr)
 
