@@ -16,7 +16,6 @@ device. Results: a Markdown table on stdout and JSON in --output.
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -148,6 +147,8 @@ def main(argv: list[str]) -> None:
     raise app.UsageError("--batch_size must be even (it is split over 2 replicas)")
   import tensorflow as tf
 
+  from tf_instdisc import checkpointing
+
   load_before = os.getloadavg()
   results = measure()
   report = {
@@ -161,9 +162,7 @@ def main(argv: list[str]) -> None:
       "results": results,
   }
   os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
-  with open(_OUTPUT.value + ".tmp", "w") as f:
-    json.dump(report, f, indent=1)
-  os.replace(_OUTPUT.value + ".tmp", _OUTPUT.value)
+  checkpointing.write_json_atomic(_OUTPUT.value, report)
   ips = results["images_per_sec"]
   print("| replicas (logical CPUs) | images/s | step ms |\n|--:|--:|--:|")
   for r in REPLICAS:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import glob
-import json
 import os
 import platform
 import shutil
@@ -337,10 +336,10 @@ def markdown(report: dict[str, Any]) -> str:
 def write_json(path: str, report: dict[str, Any]) -> dict[str, Any]:
   """Atomically, after every collection, so a long run stopped midway keeps what it measured."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  from tf_instdisc import checkpointing  # Imports TensorFlow: only once measuring has begun.
+
   report = {**report, "load_average_at_end": list(os.getloadavg())}
-  with open(path + ".tmp", "w") as f:
-    json.dump(report, f, indent=1)
-  os.replace(path + ".tmp", path)
+  checkpointing.write_json_atomic(path, report)
   return report
 
 

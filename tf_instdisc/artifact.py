@@ -89,12 +89,8 @@ def _file_sizes(root: str) -> dict[str, int]:
 
 def write_manifest(root: str, manifest: dict[str, Any]) -> None:
   """Writes root/manifest.json with FORMAT and the size of every file under root: call it last."""
-  manifest = {"format": FORMAT, **manifest, "files": _file_sizes(root)}
-  tmp = os.path.join(root, f"{MANIFEST_FILE}.tmp")
-  with open(tmp, "w") as f:
-    json.dump(manifest, f, indent=2, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, os.path.join(root, MANIFEST_FILE))
+  checkpointing.write_json_atomic(os.path.join(root, MANIFEST_FILE),
+                                  {"format": FORMAT, **manifest, "files": _file_sizes(root)})
 
 
 def commit(staging: str, export_dir: str, *, overwrite: bool) -> None:
@@ -124,14 +120,6 @@ def _versions() -> dict[str, str | None]:
     except importlib.metadata.PackageNotFoundError:
       versions[package] = None
   return versions
-
-
-def _embed_split(model, split: data_lib.Split, cfg: config_lib.Config, *, size: int, batch_size: int,
-                 limit: int = 0) -> tuple[np.ndarray, np.ndarray]:
-  """Embeddings [M, D] and labels [M] of a split's clean views (the first `limit` when set), with progress."""
-  split = data_lib.take_first(split, limit)
-  dataset = data_lib.make_eval_dataset(split, cfg.augment, image_size=size, batch_size=batch_size)
-  return knn.compute_embeddings(model, dataset, total=split.num_examples)
 
 
 def write_export(model_dir: str, export_dir: str, *, overwrite: bool = False, version: int | None = None,
@@ -172,7 +160,7 @@ def write_export(model_dir: str, export_dir: str, *, overwrite: bool = False, ve
   temperature = knn_temperature or cfg.eval.knn_temperature
 
   logging.info("embedding the collection: %d train images", source.train.num_examples)
-  embeddings, labels = _embed_split(model, source.train, cfg, size=size, batch_size=batch_size)
+  embeddings, labels = knn.embed_split(model, source.train, cfg.augment, image_size=size, batch_size=batch_size)
   labelled = source.num_classes > 0 and bool(np.all(labels >= 0))
   ids = np.arange(len(embeddings), dtype=np.int64)  # The instance id: the position in the train split.
   collection = export_lib.Collection(embeddings, ids, labels if labelled else None, source.num_classes)
@@ -187,7 +175,8 @@ def write_export(model_dir: str, export_dir: str, *, overwrite: bool = False, ve
     index_info = {"kind": "none", "settings": None}
     if index == "scann":
       if recall_queries and source.eval is not None:  # Held-out queries: collection rows would find themselves.
-        queries = _embed_split(model, source.eval, cfg, size=size, batch_size=batch_size, limit=recall_queries)[0]
+        queries = knn.embed_split(model, data_lib.take_first(source.eval, recall_queries), cfg.augment,
+                                  image_size=size, batch_size=batch_size)[0]
       else:
         rows = np.random.default_rng(0).permutation(len(embeddings))[:recall_queries]
         queries = embeddings[rows]
@@ -383,13 +372,12 @@ class Export:
     """Predicted labels int64 [Q]: the paper's weighted kNN vote (the manifest's k and temperature)."""
     if self.labels is None:
       raise ValueError(f"{self.export_dir}: the collection has no labels, so there is nothing to classify with")
-    knn = self.manifest["knn"]
-    neighbors = self.search(queries, k=int(knn["k"]))
-    weights = np.exp(neighbors.scores.astype(np.float64) / float(knn["temperature"]))  # [Q, k]
-    num_classes = int(self.manifest["collection"]["num_classes"])
-    class_scores = np.zeros([len(weights), num_classes])
-    np.add.at(class_scores, (np.arange(len(weights))[:, None], neighbors.labels), weights)
-    return np.argmax(class_scores, axis=1).astype(np.int64)
+    settings = self.manifest["knn"]
+    neighbors = self.search(queries, k=int(settings["k"]))
+    class_scores = knn.vote(tf.constant(neighbors.scores), tf.constant(neighbors.labels),
+                            temperature=float(settings["temperature"]),
+                            num_classes=int(self.manifest["collection"]["num_classes"]))
+    return np.argmax(class_scores.numpy(), axis=1).astype(np.int64)
 
 
 def _read(path: str) -> bytes:

@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from tf_instdisc import config as config_lib
 from tf_instdisc import data as data_lib
 
 DEFAULT_CHUNK = 65536
@@ -87,6 +88,13 @@ def compute_embeddings(model: keras.Model, dataset: tf.data.Dataset, *, total: i
       rate = done / (last_log - start)
       logging.info("embedded %d/%d images, %.0f img/s, ETA %.0f s", done, total, rate, (total - done) / rate)
   return np.concatenate(features), np.concatenate(labels)
+
+
+def embed_split(model: keras.Model, split: data_lib.Split, augment_cfg: config_lib.AugmentConfig, *,
+                image_size: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """Embeddings float32 [M, D] and labels int64 [M] of a split's clean (evaluation) views, in order, with progress."""
+  dataset = data_lib.make_eval_dataset(split, augment_cfg, image_size=image_size, batch_size=batch_size)
+  return compute_embeddings(model, dataset, total=split.num_examples)
 
 
 def knn_accuracy(query_features: np.ndarray, query_labels: np.ndarray, keys: tf.Tensor, key_labels: np.ndarray, *,

@@ -237,9 +237,8 @@ class _Run:
 
   def _clean_train_features(self) -> np.ndarray:
     """float32 [N, D]: the train split, un-augmented, through the current network."""
-    train_ds = data_lib.make_eval_dataset(self.source.train, self.cfg.augment, image_size=self.plan.input_shape[0],
-                                          batch_size=self.cfg.eval.eval_batch_size)
-    return knn.compute_embeddings(self.state.model, train_ds, total=self.source.train.num_examples)[0]
+    return knn.embed_split(self.state.model, self.source.train, self.cfg.augment,
+                           image_size=self.plan.input_shape[0], batch_size=self.cfg.eval.eval_batch_size)[0]
 
   def _initialize_bank_from_features(self) -> None:
     start = time.time()
