@@ -155,6 +155,23 @@ class ArtifactTest(tf.test.TestCase):
     self.assertFalse(os.path.exists(os.path.join(export_dir, "index", "scann")))
     self.assertEqual(exported.backend, "exact")
 
+  def test_knn_batch_and_recall_options(self):
+    export_dir = artifact.write_export(self.model_dir, os.path.join(self.create_tempdir().full_path, "e"),
+                                       knn_k=3, knn_temperature=0.5, batch_size=7, recall_queries=0)
+    exported = tf_instdisc.load(export_dir)
+    self.assertEqual(exported.manifest["knn"], {"k": 3, "temperature": 0.5})
+    self.assertNotIn("recall_at_10", exported.manifest["index"])
+    self.assertAllClose(exported.embeddings, self.exported.embeddings, atol=1e-5)  # Batching changes nothing.
+    neighbors = exported.saved_model.signatures["knn"](images=tf.constant(_fashion_images(2), tf.float32))
+    self.assertEqual(neighbors["neighbor_ids"].shape, (2, 3))
+
+  def test_search_files_exact(self):
+    path = os.path.join(self.create_tempdir().full_path, "q.png")
+    tf.io.write_file(path, tf.io.encode_png(_fashion_images(1)[0]))
+    exact = search.search_files(self.export_dir, [path], k=2, exact=True)
+    self.assertEqual(exact[0], f"{self.export_dir}: 64 items, exact search")
+    self.assertEqual(exact[1:], search.search_files(self.export_dir, [path], k=2)[1:])
+
   def test_existing_export_dir_is_refused_then_replaced_with_overwrite(self):
     export_dir = self._copy()
     with self.assertRaisesRegex(ValueError, "--export_dir: .* already exists; pass --overwrite"):
