@@ -70,7 +70,9 @@ _HELP = {
     "cpu_devices": "Split the CPU into N logical devices (0: no split): --strategy=mirrored then runs N "
                    "replicas on a CPU host, e.g. to check multi-replica runs without GPUs.",
     "strategy": "auto (mirrored over several GPUs, else one device), default, one_device, mirrored (all GPUs, "
-                "or all logical CPUs) or multi_worker (MultiWorkerMirroredStrategy from $TF_CONFIG).",
+                "or all logical CPUs), multi_worker (MultiWorkerMirroredStrategy from $TF_CONFIG) or tpu (TPUStrategy "
+                "on --tpu; not run on our TPU-less machines).",
+    "tpu": "--strategy=tpu: local (on a TPU VM), a Cloud TPU name or a grpc://host:port address.",
     "knn_k": "Neighbours of the weighted kNN.",
     "knn_temperature": "Temperature of the kNN vote weights exp(s / t).",
     "eval_every_epochs": "kNN against the memory bank every N epochs (0 = never).",
@@ -137,13 +139,16 @@ def main(argv: list[str]) -> int:
   os.makedirs(cfg.train.model_dir, exist_ok=True)
   FLAGS.append_flags_into_file(os.path.join(cfg.train.model_dir, "flags.txt"))
   try:
-    train_lib.run(cfg, distribute.make_strategy(cfg.train.strategy))
+    train_lib.run(cfg, distribute.make_strategy(cfg.train.strategy, tpu=cfg.train.tpu))
   except (ValueError, FloatingPointError, OSError) as e:
     print(f"train.py: {e}", file=sys.stderr)
     return 1
   except train_lib.TrainingStopped as e:
     print(f"train.py: {e}", file=sys.stderr)
     return 128 + 15  # The shell's code for a SIGTERM ending.
+  except train_lib.WorkerLost as e:
+    print(f"train.py: {e}", file=sys.stderr)
+    return 75  # EX_TEMPFAIL: try again (restart all workers).
   return 0
 
 

@@ -39,8 +39,13 @@ def main(model_dir: str, output: str, epochs: str = "2") -> None:
       eval=config_lib.EvalConfig(knn_k=5, eval_batch_size=32))
   strategy = distribute.make_strategy("multi_worker")
   current = train_lib._Run(cfg, strategy, source)  # What run() does, keeping the state to inspect.
-  current.train()
-  current.final_evaluation()
+  try:
+    with train_lib._peer_loss_raises_worker_lost(current):
+      current.train()
+      current.final_evaluation()
+  except train_lib.WorkerLost as e:
+    print(f"multi_worker_worker: {e}", file=sys.stderr)
+    sys.exit(75)  # As train.py.
   bank = current.state.bank
   np.savez(output, bank=distribute.local_variable(bank.bank).numpy(),
            normalizer=float(distribute.local_variable(bank.normalizer).numpy()),

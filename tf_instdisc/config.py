@@ -15,7 +15,7 @@ OBJECTIVES = ("nce", "softmax", "parametric")
 NEGATIVE_SAMPLING = ("shared", "per_example")
 LR_SCHEDULES = ("step", "cosine")
 MIXED_PRECISION = ("off", "auto", "bfloat16", "float16")
-STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker")
+STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker", "tpu")
 BANK_INITS = ("random", "features")
 BANK_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -104,6 +104,7 @@ class TrainConfig:
   keep_checkpoints: int = 3
   strategy: str = "auto"
   cpu_devices: int = 0  # Split the CPU into this many logical devices (0: no split), e.g. for --strategy=mirrored.
+  tpu: str = "local"  # --strategy=tpu: "local" (a TPU VM), a Cloud TPU name or a grpc:// address.
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -188,6 +189,7 @@ def validate(cfg: Config) -> Config:
   _check(t.cpu_devices == 0 or t.strategy in ("mirrored", "one_device", "default"), "cpu_devices",
          f"splits one host's CPU for a single-process strategy, not --strategy={t.strategy}")
   _check_choice(t.strategy, "strategy", STRATEGIES)
+  _check(bool(t.tpu), "tpu", "must name a TPU (local on a TPU VM)")
   _check(e.knn_k > 0, "knn_k", "must be > 0")
   _check(e.knn_temperature > 0.0, "knn_temperature", "must be > 0")
   _check(e.eval_every_epochs >= 0, "eval_every_epochs", "must be >= 0")

@@ -29,17 +29,22 @@ def split_cpu(num_devices: int) -> None:
     raise RuntimeError(f"cannot split the CPU into {num_devices} devices after TensorFlow started: {e}") from e
 
 
-def make_strategy(kind: str) -> tf.distribute.Strategy:
+def make_strategy(kind: str, *, tpu: str = "local") -> tf.distribute.Strategy:
   """Returns the strategy named by `kind` (the --strategy flag).
 
   auto: MirroredStrategy over all GPUs when there are several, else one_device (GPU 0 or the CPU).
   default: TensorFlow's default (no-op) strategy. one_device: the first GPU, else the CPU.
   mirrored: MirroredStrategy over every GPU, or over all logical CPUs when there is no GPU.
   multi_worker: MultiWorkerMirroredStrategy over the cluster in $TF_CONFIG (one process per host, started alike).
+  tpu: TPUStrategy over the TPU named by `tpu` (the --tpu flag: "local" on a TPU VM, a Cloud TPU name or a
+  grpc:// address). Not run on our machines, which have no TPU.
 
   Raises:
-    ValueError: naming --strategy (or TF_CONFIG) when the kind is unknown or the cluster is not described.
+    ValueError: naming --strategy (or TF_CONFIG, or --tpu) when the kind is unknown, the cluster is not described
+      or no TPU answers.
   """
+  if kind == "tpu":
+    return _tpu_strategy(tpu)
   if kind == "multi_worker":  # First: listing devices would start TensorFlow before collectives are configured.
     _check_tf_config()
     return tf.distribute.MultiWorkerMirroredStrategy()
@@ -54,6 +59,18 @@ def make_strategy(kind: str) -> tf.distribute.Strategy:
     devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
     return tf.distribute.MirroredStrategy(devices)
   raise ValueError(f"--strategy: unknown strategy {kind!r}")
+
+
+def _tpu_strategy(tpu: str) -> tf.distribute.Strategy:
+  try:
+    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+    if tpu != "local":
+      tf.config.experimental_connect_to_cluster(resolver)
+    tf.tpu.experimental.initialize_tpu_system(resolver)
+  except (ValueError, tf.errors.OpError) as e:
+    first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise ValueError(f"--strategy=tpu: no TPU at --tpu={tpu!r} ({type(e).__name__}: {first_line})") from e
+  return tf.distribute.TPUStrategy(resolver)
 
 
 def _check_tf_config() -> None:

@@ -384,6 +384,14 @@ class TrainingStopped(Exception):
   """Training stopped on SIGTERM (preemption, `kill`, a scheduler) after saving a checkpoint of the current step."""
 
 
+class WorkerLost(Exception):
+  """A multi-worker run lost a peer: its collectives were aborted. Restart every worker to resume.
+
+  TensorFlow's coordination service aborts the survivors' collectives when a peer dies (a reset connection: at
+  once) or hangs (missed heartbeats: about 10 s on our machines), so no worker waits forever.
+  """
+
+
 @contextlib.contextmanager
 def _stop_on_sigterm(current: _Run) -> Iterator[None]:
   """While training, SIGTERM asks the loop to save and stop after its current steps_per_loop chunk."""
@@ -403,6 +411,20 @@ def _stop_on_sigterm(current: _Run) -> Iterator[None]:
     signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def _peer_loss_raises_worker_lost(current: _Run) -> Iterator[None]:
+  """In a multi-worker run, turns the aborted collectives of a lost peer into WorkerLost (a clear exit)."""
+  try:
+    yield
+  except (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.CancelledError) as e:
+    if not isinstance(current.strategy, tf.distribute.MultiWorkerMirroredStrategy):
+      raise
+    message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise WorkerLost(f"a peer worker was lost at step {current.step} ({type(e).__name__}: {message}). Restart "
+                     "every worker with the same command: they resume from the chief's checkpoint "
+                     f"{current.manager.latest_checkpoint}") from e
+
+
 def run(cfg: config_lib.Config, strategy: tf.distribute.Strategy,
         source: data_lib.DataSource | None = None) -> dict[str, Any]:
   """Trains (resuming from cfg.train.model_dir when it holds a checkpoint), then runs the final kNN evaluation.
@@ -417,10 +439,11 @@ def run(cfg: config_lib.Config, strategy: tf.distribute.Strategy,
 
   Raises:
     ValueError: bad configuration or data, naming the flag or file; FloatingPointError on a non-finite loss;
-    TrainingStopped on SIGTERM, after saving a checkpoint of the step it stopped at.
+    TrainingStopped on SIGTERM, after saving a checkpoint of the step it stopped at; WorkerLost when a peer of a
+    multi-worker run died.
   """
   config_lib.validate(cfg)
   current = _Run(cfg, strategy, source)
-  with _stop_on_sigterm(current):
+  with _peer_loss_raises_worker_lost(current), _stop_on_sigterm(current):
     current.train()
-  return current.final_evaluation()
+    return current.final_evaluation()
