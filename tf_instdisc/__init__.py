@@ -1,7 +1,8 @@
 """tf_instdisc: unsupervised feature learning by non-parametric instance discrimination (Wu et al., CVPR 2018).
 
 Modules (one concept each): config, data, augment, backbones, model, memory_bank, objectives, distribute,
-schedules, checkpointing, knn, train_lib, export, index, artifact, search. Import modules directly, e.g.
+schedules, checkpointing, knn, train_lib, export, index, artifact, search; for evaluation features, linear_probe,
+finetune, evaluation, results, ablation, tsne, plots. Import modules directly, e.g.
 `from tf_instdisc import train_lib`; this package file imports nothing at import time, so `import tf_instdisc`
 stays cheap and free of side effects.
 """

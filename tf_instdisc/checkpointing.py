@@ -131,6 +131,20 @@ def check_resume(model_dir: str, identity: dict[str, Any]) -> None:
         f"this run needs {expected}. Resume with the same dataset and embedding size or use a new --model_dir.")
 
 
+def read_run_identity(model_dir: str) -> dict[str, Any]:
+  """The run identity (dataset, num_instances, arch, ...) a model dir was trained with.
+
+  Raises:
+    ValueError: naming the file when it is missing or unreadable.
+  """
+  path = os.path.join(model_dir, RUN_FILE)
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise ValueError(f"--model_dir: cannot read {path} ({type(e).__name__}: {e})") from e
+
+
 def save_run_identity(model_dir: str, identity: dict[str, Any]) -> None:
   write_json_atomic(os.path.join(model_dir, RUN_FILE), identity)
 

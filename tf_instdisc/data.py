@@ -95,6 +95,28 @@ def take_first(split: Split, count: int) -> Split:
                              files=split.files[:count], make_labels=make_labels)
 
 
+def take_indices(split: Split, indices: np.ndarray) -> Split:
+  """The examples at the given positions of the split (sorted, unique), in split order: a labelled subset.
+
+  One pass over the stored (undecoded) examples filters by position, so ImageNet's 1% costs a scan of file paths
+  or bytes, not a decode of every image.
+  """
+  indices = np.unique(np.asarray(indices, np.int64))
+  if len(indices) and (indices[0] < 0 or indices[-1] >= split.num_examples):
+    raise ValueError(f"indices must be in [0, {split.num_examples}), got {indices[0]}..{indices[-1]}")
+  keep = np.zeros(split.num_examples, bool)
+  keep[indices] = True
+
+  def select(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    mask = tf.constant(keep)
+    return dataset.enumerate().filter(lambda index, _: tf.gather(mask, index)).map(lambda _, ex: ex)
+
+  make_labels = split.make_labels and (lambda: select(split.make_labels()))
+  return dataclasses.replace(split, make_raw=lambda: select(split.make_raw()), num_examples=len(indices),
+                             files=tuple(split.files[i] for i in indices) if split.files else (),
+                             make_labels=make_labels)
+
+
 def _find_fashion_mnist(data_dir: str) -> str | None:
   for directory in ((data_dir,) if data_dir else ()) + FASHION_MNIST_DIRS:
     if all(os.path.exists(os.path.join(directory, f)) for f in _FASHION_FILES["train"]):

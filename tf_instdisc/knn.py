@@ -69,6 +69,23 @@ def knn_predict(queries: tf.Tensor, keys: tf.Tensor, key_labels: tf.Tensor, *, k
   return vote(scores, tf.gather(key_labels, ids), temperature=temperature, num_classes=num_classes)
 
 
+class Progress:
+  """Logs "<what> done/total, rate, ETA" at most every log_every_seconds (long passes over ImageNet)."""
+
+  def __init__(self, total: int | None, log_every_seconds: float = 30.0, *, what: str = "images"):
+    self.total, self.every, self.what = total, log_every_seconds, what
+    self.done = 0
+    self.start = self.last_log = time.time()
+
+  def update(self, count: int) -> None:
+    self.done += count
+    if self.total and time.time() - self.last_log > self.every:
+      self.last_log = time.time()
+      rate = self.done / (self.last_log - self.start)
+      logging.info("%s %d/%d, %.0f img/s, ETA %.0f s", self.what, self.done, self.total, rate,
+                   (self.total - self.done) / rate)
+
+
 def compute_embeddings(model: keras.Model, dataset: tf.data.Dataset, *, total: int | None = None,
                        log_every_seconds: float = 30.0) -> tuple[np.ndarray, np.ndarray]:
   """Embeds a dataset of {"image", "label", ...} batches in order: (float32 [M, D], int64 [M]).
@@ -77,16 +94,11 @@ def compute_embeddings(model: keras.Model, dataset: tf.data.Dataset, *, total: i
   """
   embed = tf.function(lambda images: model(images, training=False), reduce_retracing=True)
   features, labels = [], []
-  start = last_log = time.time()
-  done = 0
+  progress = Progress(total, log_every_seconds, what="embedded")
   for batch in dataset:
     features.append(embed(batch[data_lib.IMAGE_KEY]).numpy())
     labels.append(batch[data_lib.LABEL_KEY].numpy())
-    done += len(features[-1])
-    if total and time.time() - last_log > log_every_seconds:
-      last_log = time.time()
-      rate = done / (last_log - start)
-      logging.info("embedded %d/%d images, %.0f img/s, ETA %.0f s", done, total, rate, (total - done) / rate)
+    progress.update(len(features[-1]))
   return np.concatenate(features), np.concatenate(labels)
 
 

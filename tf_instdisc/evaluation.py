@@ -1,0 +1,330 @@
+"""The paper's evaluation protocols on a trained run: kNN, linear probes per layer, semi-supervised fine-tuning and
+transfer to another dataset. `evaluate()` runs the chosen ones and writes, under its output dir, one JSON file per
+protocol, rows of the Markdown results table, and PNG plots (training curves, a t-SNE map, per-layer and
+label-fraction curves). evaluate.py is its command line; ablate.py calls it for every ablation variant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from tf_instdisc import config as config_lib
+from tf_instdisc import data as data_lib
+from tf_instdisc import features as features_lib
+from tf_instdisc import finetune as finetune_lib
+from tf_instdisc import knn
+from tf_instdisc import linear_probe
+from tf_instdisc import plots
+from tf_instdisc import results as results_lib
+from tf_instdisc import tsne as tsne_lib
+
+PROTOCOLS = ("knn", "linear", "semi_supervised", "transfer")
+AS_TRAINED = -1  # max_train_examples / max_eval_examples: the run's own setting.
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EvalOptions:
+  """What to evaluate and how; every field is an evaluate.py flag of the same name."""
+
+  protocols: tuple[str, ...] = ("knn",)
+  knn_k: tuple[int, ...] = (200,)
+  knn_temperature: float = 0.07
+  layers: tuple[str, ...] = ()  # Linear probe layers; () = every stage and the embedding.
+  max_layer_dims: int = features_lib.DEFAULT_MAX_DIMS
+  probe: linear_probe.ProbeConfig = linear_probe.ProbeConfig()
+  label_fractions: tuple[float, ...] = (1.0, 2.0, 4.0, 10.0, 20.0)  # Percent of the labels.
+  finetune: finetune_lib.FinetuneConfig = finetune_lib.FinetuneConfig()
+  transfer_dataset: str = ""
+  transfer_data_dir: str = ""
+  max_train_examples: int = AS_TRAINED  # Labelled train images for keys / probes / subsets (0 = all).
+  max_eval_examples: int = AS_TRAINED
+  batch_size: int = 256
+  output_dir: str = ""  # Default: MODEL_DIR/eval.
+  results_table: str = ""  # A Markdown file to append rows to ("" = OUTPUT_DIR/results.md).
+  run_name: str = ""  # The table's "run" column (default: the model dir's name).
+  plots: bool = True
+  tsne_points: int = 2000
+  untrained: bool = False  # Evaluate the seeded, untrained network of the same config (a baseline).
+  study: str = ""  # Set by ablate.py: the ablation study and setting of this run, for the paper's column.
+  setting: str = ""
+
+
+def validate(options: EvalOptions) -> EvalOptions:
+  """Raises ValueError naming the flag of a bad option; returns options."""
+  def check(ok: bool, flag: str, message: str) -> None:
+    if not ok:
+      raise ValueError(f"--{flag}: {message}")
+  check(bool(options.protocols) and all(p in PROTOCOLS for p in options.protocols), "protocol",
+        f"got {','.join(options.protocols)}, expected some of {', '.join(PROTOCOLS)}")
+  check(bool(options.knn_k) and all(k > 0 for k in options.knn_k), "knn_k", "must be positive integers")
+  check(options.knn_temperature > 0, "knn_temperature", "must be > 0")
+  check(options.max_layer_dims > 0, "max_layer_dims", "must be > 0")
+  check(all(0 < f <= 100 for f in options.label_fractions) and bool(options.label_fractions), "label_fractions",
+        "must be percentages in (0, 100]")
+  check("transfer" not in options.protocols or bool(options.transfer_dataset), "transfer_dataset",
+        "--protocol=transfer needs the dataset to transfer to")
+  check(options.max_train_examples >= AS_TRAINED, "max_train_examples", "must be >= -1 (-1: as trained, 0: all)")
+  check(options.max_eval_examples >= AS_TRAINED, "max_eval_examples", "must be >= -1 (-1: as trained, 0: all)")
+  check(options.batch_size > 0, "batch_size", "must be > 0")
+  check(options.tsne_points >= 0, "tsne_points", "must be >= 0")
+  linear_probe.validate(options.probe)
+  finetune_lib.validate(options.finetune)
+  return options
+
+
+def _data_config(cfg: config_lib.Config, options: EvalOptions, *, transfer: bool = False) -> config_lib.DataConfig:
+  data = cfg.data
+  if transfer:
+    data = config_lib.DataConfig(dataset=options.transfer_dataset, data_dir=options.transfer_data_dir,
+                                 image_channels=cfg.data.image_channels)
+  if options.max_train_examples != AS_TRAINED:
+    data = dataclasses.replace(data, max_train_examples=options.max_train_examples)
+  if options.max_eval_examples != AS_TRAINED:
+    data = dataclasses.replace(data, max_eval_examples=options.max_eval_examples)
+  if not transfer and data.eval_split == "":
+    data = dataclasses.replace(data, eval_split="auto")
+  return data
+
+
+def _labelled(source: data_lib.DataSource, flag: str) -> None:
+  if source.eval is None or source.num_classes == 0:
+    raise ValueError(f"--{flag}: {source.name} needs labelled train and eval splits for this protocol")
+
+
+def _features(run: features_lib.TrainedRun, source: data_lib.DataSource, layers: list[str], options: EvalOptions,
+              cfg: config_lib.Config, *, transfer: bool = False) -> tuple[dict, np.ndarray, dict, np.ndarray]:
+  """Features of the train (keys, probe training) and eval splits. A transfer target is viewed at its own size
+  when fixed and square, then resized to the model's input (features.adapt_images)."""
+  extractor = features_lib.build_extractor(run.model, layers, max_dims=options.max_layer_dims)
+  height, width, _ = source.image_shape
+  view = height if transfer and height is not None and height == width else run.input_shape[0]
+  common = dict(image_size=view, batch_size=options.batch_size)
+  train, train_labels = features_lib.extract(extractor, source.train, cfg.augment, **common)
+  test, test_labels = features_lib.extract(extractor, source.eval, cfg.augment, **common)
+  return train, train_labels, test, test_labels
+
+
+def knn_scores(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray, test_labels: np.ndarray, *,
+               ks: tuple[int, ...], temperature: float, num_classes: int) -> dict[str, dict[str, float]]:
+  """{"k=K": {"top1", "top5"}} of the weighted kNN for every k, keys = train features (clean views)."""
+  keys = tf.constant(train)
+  out = {}
+  for k in ks:
+    scores = knn.knn_accuracy(test, test_labels, keys, train_labels, k=min(k, len(train)), temperature=temperature,
+                              num_classes=num_classes)
+    out[f"k={k}"] = {"top1": scores["knn_top1"], "top5": scores["knn_top5"]}
+  return out
+
+
+def _linear_scores(train: dict, train_labels, test: dict, test_labels, *, layers: list[str], options: EvalOptions,
+                   num_classes: int) -> dict[str, dict[str, Any]]:
+  out = {}
+  for layer in layers:
+    out[layer] = linear_probe.evaluate(train[layer], train_labels, test[layer], test_labels, num_classes=num_classes,
+                                       cfg=options.probe)
+    logging.info("linear probe %s (%d dims): top-1 %.2f%% top-5 %.2f%%", layer, out[layer]["dims"],
+                 100 * out[layer]["top1"], 100 * out[layer]["top5"])
+  return out
+
+
+def semi_supervised(model_dir: str, source: data_lib.DataSource, cfg: config_lib.Config, options: EvalOptions
+                    ) -> dict[str, dict[str, Any]]:
+  """{"P%": {"pretrained": {...}, "scratch": {...}, "indices_sha": ...}} for every label fraction P."""
+  _labelled(source, "dataset")
+  labels = data_lib.load_labels(source.train)
+  out = {}
+  for percent in options.label_fractions:
+    indices = finetune_lib.label_subset(labels, percent / 100, seed=options.finetune.seed)
+    row = {"labelled_examples": int(len(indices)), "subset_digest": _digest(indices)}
+    for arm, untrained in (("pretrained", False), ("scratch", True)):
+      model = features_lib.load_run(model_dir, untrained=untrained).model
+      row[arm] = finetune_lib.finetune(model, source, indices, data_cfg=cfg.data, augment_cfg=cfg.augment,
+                                       cfg=options.finetune, eval_batch_size=options.batch_size,
+                                       name=f"{arm} {percent:g}%")
+      logging.info("semi-supervised %g%% labels, %s: top-1 %.2f%% top-5 %.2f%%", percent, arm,
+                   100 * row[arm]["top1"], 100 * row[arm]["top5"])
+    out[f"{percent:g}%"] = row
+  return out
+
+
+def _digest(indices: np.ndarray) -> str:
+  return hashlib.sha256(np.asarray(indices, np.int64).tobytes()).hexdigest()[:16]
+
+
+def evaluate(model_dir: str, options: EvalOptions) -> dict[str, Any]:
+  """Runs options.protocols on the latest checkpoint of model_dir; writes JSON, table rows and plots.
+
+  Returns:
+    {protocol: results} as written to OUTPUT_DIR/<protocol>.json.
+
+  Raises:
+    ValueError: naming the flag or file at fault (model dir, config, checkpoint, dataset).
+  """
+  validate(options)
+  run = features_lib.load_run(model_dir, untrained=options.untrained)
+  cfg = run.cfg
+  output_dir = options.output_dir or os.path.join(model_dir, "eval")
+  run_name = options.run_name or os.path.basename(os.path.normpath(model_dir))
+  table = options.results_table or os.path.join(output_dir, "results.md")
+  all_layers = features_lib.layer_names(run.model)
+  layers = list(options.layers) or all_layers
+  unknown = [name for name in layers if name not in all_layers]
+  if unknown:
+    raise ValueError(f"--layers: unknown {', '.join(unknown)}; this model has {', '.join(all_layers)}")
+  epochs = 0 if options.untrained else _epochs_done(model_dir, cfg)
+  describe = dict(run=run_name, dataset=cfg.data.dataset, arch=cfg.model.arch, objective=_objective(cfg),
+                  epochs=epochs)
+  everything: dict[str, Any] = {}
+  source = None
+  if {"knn", "linear"} & set(options.protocols):
+    source = data_lib.load_source(_data_config(cfg, options))
+    _labelled(source, "model_dir")
+  for protocol in options.protocols:
+    start = time.time()
+    rows = []
+    base = {"model_dir": os.path.abspath(model_dir), "checkpoint": run.checkpoint, "step": run.step,
+            "untrained": options.untrained, "protocol": protocol, **describe}
+    if protocol == "knn":
+      train, train_labels, test, test_labels = _features(run, source, [features_lib.EMBEDDING], options, cfg)
+      scores = knn_scores(train[features_lib.EMBEDDING], train_labels, test[features_lib.EMBEDDING], test_labels,
+                          ks=options.knn_k, temperature=options.knn_temperature, num_classes=source.num_classes)
+      result = {**base, "temperature": options.knn_temperature, "keys": source.train.num_examples,
+                "queries": source.eval.num_examples, "scores": scores}
+      for setting, score in scores.items():
+        rows.append((f"{setting}, t={options.knn_temperature:g}", score, _paper(options, cfg, "knn", "embedding")))
+      if options.plots and options.tsne_points:
+        _tsne_plot(test[features_lib.EMBEDDING], test_labels, source, options, output_dir, run_name)
+    elif protocol == "linear":
+      train, train_labels, test, test_labels = _features(run, source, layers, options, cfg)
+      scores = _linear_scores(train, train_labels, test, test_labels, layers=layers, options=options,
+                              num_classes=source.num_classes)
+      result = {**base, "loss": options.probe.loss, "scores": scores}
+      for layer in layers:
+        rows.append((f"{layer} ({scores[layer]['dims']}-d), {options.probe.loss}", scores[layer],
+                     _paper(options, cfg, "linear", layer)))
+      if options.plots and len(layers) > 1:
+        plots.ablation_curve(os.path.join(output_dir, "linear_layers.png"), xs=list(range(len(layers))),
+                             ours={"linear": [100 * scores[name]["top1"] for name in layers]},
+                             paper=_paper_layer_series(cfg, layers), xlabel="layer", x_ticklabels=layers,
+                             title=f"Linear probe per layer ({run_name})")
+    elif protocol == "semi_supervised":
+      labelled = data_lib.load_source(_data_config(cfg, options))
+      scores = semi_supervised(model_dir, labelled, cfg, options)
+      result = {**base, "recipe": dataclasses.asdict(options.finetune), "scores": scores,
+                "paper": results_lib.PAPER_SEMI_SUPERVISED_NOTE}
+      for fraction, row in scores.items():
+        for arm in ("pretrained", "scratch"):
+          rows.append((f"{fraction} labels, {arm}", row[arm], None))
+      if options.plots:
+        fractions = [float(f.rstrip("%")) for f in scores]
+        plots.ablation_curve(os.path.join(output_dir, "semi_supervised.png"), xs=fractions, log_x=True,
+                             ours={arm: [100 * row[arm]["top1"] for row in scores.values()]
+                                   for arm in ("pretrained", "scratch")},
+                             xlabel="labelled fraction (%)", x_ticklabels=[f"{f:g}%" for f in fractions],
+                             title=f"Semi-supervised fine-tuning ({run_name})")
+    else:  # transfer
+      target = data_lib.load_source(_data_config(cfg, options, transfer=True))
+      _labelled(target, "transfer_dataset")
+      transfer_layers = list(dict.fromkeys([*options.layers, features_lib.EMBEDDING])) if options.layers else [
+          all_layers[-2], features_lib.EMBEDDING]
+      train, train_labels, test, test_labels = _features(run, target, transfer_layers, options, cfg, transfer=True)
+      knn_result = knn_scores(train[features_lib.EMBEDDING], train_labels, test[features_lib.EMBEDDING],
+                              test_labels, ks=options.knn_k, temperature=options.knn_temperature,
+                              num_classes=target.num_classes)
+      linear_result = _linear_scores(train, train_labels, test, test_labels, layers=transfer_layers,
+                                     options=options, num_classes=target.num_classes)
+      result = {**base, "target": options.transfer_dataset, "knn": knn_result, "linear": linear_result}
+      for setting, score in knn_result.items():
+        rows.append((f"-> {target.name}, kNN {setting}", score, _paper(options, cfg, "knn", "embedding", True)))
+      for layer, score in linear_result.items():
+        rows.append((f"-> {target.name}, linear {layer}", score, _paper(options, cfg, "linear", layer, True)))
+    seconds = time.time() - start
+    result["seconds"] = seconds
+    results_lib.write_json(os.path.join(output_dir, f"{protocol}.json"), result)
+    results_lib.append_rows(table, [
+        results_lib.table_row(protocol=protocol, setting=setting, top1=score.get("top1"), top5=score.get("top5"),
+                              paper=paper, seconds=seconds, **describe) for setting, score, paper in rows])
+    everything[protocol] = result
+  if options.plots:
+    _curves_plot(model_dir, output_dir, run_name)
+  return everything
+
+
+def _objective(cfg: config_lib.Config) -> str:
+  if cfg.loss.objective == "nce":
+    return f"nce m={cfg.loss.num_negatives}"
+  return cfg.loss.objective
+
+
+def _epochs_done(model_dir: str, cfg: config_lib.Config) -> int:
+  path = os.path.join(model_dir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return cfg.train.epochs
+  with open(path) as f:
+    epochs = [json.loads(line)["epoch"] for line in f if line.strip()]
+  return max(epochs, default=0)
+
+
+def _paper(options: EvalOptions, cfg: config_lib.Config, protocol: str, layer: str,
+           transfer: bool = False) -> tuple[float, str] | None:
+  if options.study:  # An ablation row: the paper's number for the same study and setting.
+    return results_lib.paper_number(options.study, options.setting, protocol) if layer == "embedding" or (
+        protocol == "linear") else None
+  study = "transfer" if transfer else "layers"
+  return results_lib.paper_number(study, f"{cfg.model.arch}:{layer}", protocol)
+
+
+def _paper_layer_series(cfg: config_lib.Config, layers: list[str]) -> dict[str, list[float | None]] | None:
+  values = [results_lib.paper_number("layers", f"{cfg.model.arch}:{layer}", "linear") for layer in layers]
+  if not any(values):
+    return None
+  return {f"paper linear (ImageNet, {cfg.model.arch})": [v and v[0] for v in values]}
+
+
+def _tsne_plot(embeddings: np.ndarray, labels: np.ndarray, source: data_lib.DataSource, options: EvalOptions,
+               output_dir: str, run_name: str) -> None:
+  rng = np.random.default_rng(0)
+  chosen = np.sort(rng.permutation(len(embeddings))[:options.tsne_points])
+  start = time.time()
+  points = tsne_lib.tsne(embeddings[chosen], seed=0)
+  logging.info("t-SNE of %d test embeddings: %.0f s", len(chosen), time.time() - start)
+  plots.embedding_map(points, labels[chosen], os.path.join(output_dir, "tsne.png"),
+                      class_names=list(source.class_names) or None,
+                      title=f"t-SNE of {len(chosen)} {source.name} test embeddings ({run_name})")
+
+
+def _curves_plot(model_dir: str, output_dir: str, run_name: str) -> None:
+  path = os.path.join(model_dir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    records = [json.loads(line) for line in f if line.strip()]
+  if records:
+    plots.training_curves({run_name: records}, os.path.join(output_dir, "curves.png"),
+                          title=f"Training loss and bank kNN top-1 ({run_name})")
+
+
+def summary(result: dict[str, Any]) -> str:
+  """One line of a protocol's results: "setting top-1/top-5" pairs in percent."""
+  def pairs(scores: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for name, score in scores.items():
+      if "top1" in score:
+        out.append(f"{prefix}{name} {100 * score['top1']:.2f}/{100 * score['top5']:.2f}")
+      else:
+        out.extend(pairs({k: v for k, v in score.items() if isinstance(v, dict)}, f"{prefix}{name} "))
+    return out
+  parts = []
+  for key in ("scores", "knn", "linear"):
+    if key in result:
+      parts.extend(pairs(result[key], "" if key == "scores" else f"{key} "))
+  return "; ".join(parts) + " (top-1/top-5 %)"
