@@ -1,4 +1,4 @@
-"""Exports a trained model: a SavedModel for TF Serving and any TF program, a ScaNN index, a manifest.
+"""Exports a trained model: a SavedModel for TF Serving and any TF program, a ScaNN index, the backbone, a manifest.
 
   python export/export.py --model_dir=/tmp/npid_fashion --export_dir=/tmp/npid_fashion_export
 
@@ -7,6 +7,8 @@ Restores the latest checkpoint of --model_dir (with the config.json it was train
 
   E/saved_model/<version>/   signatures serving_default, embed_bytes, knn, knn_bytes (tf_instdisc/export.py)
   E/index/                   embeddings, ids, labels (paths for folder datasets), and the ScaNN searcher
+  E/backbone/                the backbone alone, to fine-tune (e.g. for detection): backbone.weights.h5,
+                             backbone.keras (loads with stock Keras), backbone.json (stage layers, pixel convention)
   E/manifest.json            input, embedding size, dataset, collection, kNN k and temperature, versions, config
 
 The artifact is built beside E and renamed into place when complete: an interrupted export leaves no E (the next
@@ -42,6 +44,8 @@ _COLLECTION_EXAMPLES = flags.DEFINE_integer(
     "0 = the whole train split, N = the first N.", lower_bound=0)
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 256, "Images per batch when embedding the collection.",
                                    lower_bound=1)
+_BACKBONE = flags.DEFINE_bool("backbone", True, "Also write backbone/: the backbone alone (weights, a .keras model "
+                               "and backbone.json) to fine-tune, e.g. for detection; false skips it.")
 _RECALL_QUERIES = flags.DEFINE_integer("recall_queries", 1000, "Held-out queries to measure the index's recall@10 "
                                        "against exact search (recorded in the manifest); 0 = skip.", lower_bound=0)
 
@@ -56,7 +60,7 @@ def main(argv: list[str]) -> None:
     artifact.write_export(
         _MODEL_DIR.value, _EXPORT_DIR.value, overwrite=_OVERWRITE.value, version=_VERSION.value, index=_INDEX.value,
         knn_k=_KNN_K.value, knn_temperature=_KNN_TEMPERATURE.value, collection_examples=_COLLECTION_EXAMPLES.value,
-        batch_size=_BATCH_SIZE.value, recall_queries=_RECALL_QUERIES.value)
+        batch_size=_BATCH_SIZE.value, recall_queries=_RECALL_QUERIES.value, backbone=_BACKBONE.value)
   except ValueError as e:
     print(f"export.py: {e}", file=sys.stderr)
     sys.exit(1)

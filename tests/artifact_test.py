@@ -1,5 +1,6 @@
 """The export artifact: layout and manifest, load() with embed/search/classify, ScaNN or exact search, atomic
-writes, and clear errors for missing, cut-short or corrupt files. Exports a tiny run trained on Fashion-MNIST."""
+writes, clear errors for missing, cut-short or corrupt files, and the backbone files (loaded without our code in a
+clean process). Exports a tiny run trained on Fashion-MNIST."""
 
 from __future__ import annotations
 
@@ -8,27 +9,56 @@ from tests import testing  # First: splits the CPU before TensorFlow starts.
 # isort: split
 
 import glob
+import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import unittest
 from unittest import mock
 
+import h5py
+import keras
 import numpy as np
 import tensorflow as tf
 
 import tf_instdisc
 from tf_instdisc import artifact
+from tf_instdisc import backbones
+from tf_instdisc import checkpointing
 from tf_instdisc import config as config_lib
 from tf_instdisc import data as data_lib
 from tf_instdisc import distribute
 from tf_instdisc import index as index_lib
+from tf_instdisc import model as model_lib
 from tf_instdisc import search
 from tf_instdisc import train_lib
 
 
 def _fashion_images(n: int) -> np.ndarray:
   return data_lib.read_idx(os.path.join(testing.FASHION_MNIST_DIR, "t10k-images-idx3-ubyte.gz"))[:n, ..., None]
+
+
+# Run in a clean process (no tf_instdisc importable): load backbone.keras with Keras alone, compute the pooled
+# features and the stage outputs of the test images, and the stage shapes for a larger image.
+_LOAD_WITH_KERAS_ONLY = """
+import importlib.util, json, sys
+import keras, numpy as np
+assert importlib.util.find_spec("tf_instdisc") is None, "tf_instdisc is importable"
+export_dir, out = sys.argv[1], sys.argv[2]
+info = json.load(open(f"{export_dir}/backbone/backbone.json"))
+backbone = keras.saving.load_model(f"{export_dir}/backbone/backbone.keras")
+stages = [backbone.get_layer(stage["layer"]).output for stage in info["stages"]]
+taps = keras.Model(backbone.input, [backbone.output, *stages])
+images = np.load(f"{out}/images.npy")
+for i, array in enumerate(taps.predict(images, verbose=0)):
+  np.save(f"{out}/out{i}.npy", array)
+large = taps.predict(np.zeros([1, 64, 48, images.shape[-1]], np.float32), verbose=0)
+json.dump({"large_shapes": [list(a.shape) for a in large], "layers": sorted({type(l).__module__ for l in
+           backbone.layers}), "synchronized": [l.synchronized for l in backbone.layers if hasattr(l, "synchronized")]},
+          open(f"{out}/facts.json", "w"))
+"""
 
 
 @unittest.skipUnless(testing.has_fashion_mnist(), "needs Debian's dataset-fashion-mnist")
@@ -44,6 +74,12 @@ class ArtifactTest(tf.test.TestCase):
     train_lib.run(cls.cfg, distribute.make_strategy("one_device"))
     cls.export_dir = artifact.write_export(cls.model_dir, os.path.join(cls.tmp, "export"), recall_queries=16)
     cls.exported = tf_instdisc.load(cls.export_dir)
+    trained = model_lib.build_embedding_model(cls.cfg.model.arch, (28, 28, 1), seed=cls.cfg.train.seed,
+                                              embedding_dim=cls.cfg.model.embedding_dim)
+    checkpointing.restore_model(trained, cls.model_dir)
+    cls.backbone = model_lib.backbone_of(trained)
+    with open(os.path.join(cls.export_dir, "backbone", "backbone.json")) as f:
+      cls.backbone_info = json.load(f)
 
   def _copy(self) -> str:
     copy = os.path.join(self.create_tempdir().full_path, "export")
@@ -72,6 +108,71 @@ class ArtifactTest(tf.test.TestCase):
     self.assertEqual(set(manifest["files"]), {os.path.relpath(p, self.export_dir) for p in glob.glob(
         os.path.join(self.export_dir, "**", "*"), recursive=True) if os.path.isfile(p)} - {"manifest.json"})
     self.assertEmpty(glob.glob(f"{self.export_dir}.*"))  # No staging leftovers beside it.
+    self.assertEqual(manifest["backbone"], {
+        "dir": "backbone", "arch": "convnet_small", "features": 256, "weights": "backbone/backbone.weights.h5",
+        "keras": "backbone/backbone.keras", "info": "backbone/backbone.json"})
+    for key in ("weights", "keras", "info"):
+      self.assertIn(manifest["backbone"][key], manifest["files"])
+
+  def test_backbone_weights_load_into_a_fresh_backbone(self):
+    path = os.path.join(self.export_dir, self.exported.manifest["backbone"]["weights"])
+    with h5py.File(path) as f:
+      names = []
+      f.visit(names.append)
+    self.assertLen([name for name in names if "/vars/" in name], len(self.backbone.weights))  # The backbone alone.
+    self.assertEmpty([name for name in names if "dense" in name or "bank" in name])  # No projection head, no bank.
+    images = _fashion_images(5).astype(np.float32)
+    expected = self.backbone(images, training=False).numpy()
+    for input_shape in ((28, 28, 1), (None, None, 1)):  # Fully convolutional: any input size takes the weights.
+      fresh = backbones.build_backbone("convnet_small", input_shape, seed=self.cfg.train.seed + 1)
+      self.assertGreater(np.abs(fresh(images, training=False).numpy() - expected).max(), 1e-3)
+      fresh.load_weights(path)
+      self.assertAllClose(fresh(images, training=False).numpy(), expected, atol=1e-5)
+
+  def test_backbone_keras_loads_with_keras_alone_in_a_clean_process(self):
+    out = self.create_tempdir().full_path
+    images = _fashion_images(5).astype(np.float32)
+    np.save(os.path.join(out, "images.npy"), images)
+    env = {key: os.environ[key] for key in ("PATH", "HOME", "LANG") if key in os.environ}
+    env.update(TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")  # No PYTHONPATH: the repo is not importable.
+    subprocess.run([sys.executable, "-c", _LOAD_WITH_KERAS_ONLY, self.export_dir, out], cwd=out, env=env, check=True,
+                   timeout=300)
+    stages = [self.backbone.get_layer(stage["layer"]).output for stage in self.backbone_info["stages"]]
+    taps = keras.Model(self.backbone.input, [self.backbone.output, *stages])
+    for i, expected in enumerate(taps(images, training=False)):
+      self.assertAllClose(np.load(os.path.join(out, f"out{i}.npy")), expected.numpy(), atol=1e-5)
+    with open(os.path.join(out, "facts.json")) as f:
+      facts = json.load(f)
+    # Any image size, not only the 28 x 28 it was trained at: 64 x 48 shows each stage's stride.
+    self.assertEqual(facts["large_shapes"], [[1, 256], [1, 64, 48, 32], [1, 32, 24, 64], [1, 16, 12, 128],
+                                             [1, 8, 6, 256]])
+    self.assertTrue(all(module.startswith("keras.") for module in facts["layers"]), facts["layers"])
+    self.assertNotIn(True, facts["synchronized"])  # Keras refuses synchronized BN outside its TF backend.
+    self.assertLen(facts["synchronized"], 6)
+
+  def test_backbone_json_describes_the_backbone(self):
+    info = self.backbone_info
+    self.assertEqual(info["arch"], self.cfg.model.arch)
+    self.assertEqual(info["input_shape"], [28, 28, 1])
+    self.assertEqual(info["keras_input_shape"], [None, None, 1])
+    self.assertEqual(info["output"]["features"], self.backbone.output.shape[-1])
+    self.assertEqual(info["output"]["layer"], self.backbone.layers[-1].name)
+    self.assertEqual({k: info["pixels"][k] for k in ("dtype", "range", "mean", "std")},
+                     {"dtype": "float32", "range": [0, 255], "mean": 127.5, "std": 64.0})
+    self.assertEqual(info["stages"], [{"layer": "conv1_relu", "stride": 1, "channels": 32},
+                                      {"layer": "conv2_2_relu", "stride": 2, "channels": 64},
+                                      {"layer": "conv3_2_relu", "stride": 4, "channels": 128},
+                                      {"layer": "conv4_1_relu", "stride": 8, "channels": 256}])
+    for stage in info["stages"]:
+      self.assertEqual(self.backbone.get_layer(stage["layer"]).output.shape[-1], stage["channels"])
+    self.assertEqual(info["files"], {"weights": "backbone.weights.h5", "keras": "backbone.keras"})
+    self.assertIn("build_backbone('convnet_small', (28, 28, 1))", info["rebuild"])
+
+  def test_resnet_stages_end_with_each_stage_last_block(self):
+    for arch, last_blocks in (("resnet18_cifar", (2, 2, 2, 2)), ("resnet50", (3, 4, 6, 3))):
+      backbone = backbones.build_backbone(arch, (32, 32, 3))
+      self.assertEqual(artifact.stage_layers(arch, backbone),
+                       [f"stage{stage}_block{block}_out" for stage, block in enumerate(last_blocks, start=1)])
 
   def test_embed_accepts_pixels_bytes_and_files(self):
     images = _fashion_images(4)
@@ -147,13 +248,15 @@ class ArtifactTest(tf.test.TestCase):
     self.assertEqual(exported.backend, "exact")
     self.assertAllEqual(exported.search(_fashion_images(3), k=4).ids, self.exported.search(_fashion_images(3), k=4).ids)
 
-  def test_export_without_index(self):
+  def test_export_without_index_or_backbone(self):
     export_dir = artifact.write_export(self.model_dir, os.path.join(self.create_tempdir().full_path, "e"),
-                                       index="none")
+                                       index="none", backbone=False)
     exported = tf_instdisc.load(export_dir)
     self.assertEqual(exported.manifest["index"]["kind"], "none")
     self.assertFalse(os.path.exists(os.path.join(export_dir, "index", "scann")))
     self.assertEqual(exported.backend, "exact")
+    self.assertIsNone(exported.manifest["backbone"])
+    self.assertFalse(os.path.exists(os.path.join(export_dir, "backbone")))
 
   def test_knn_batch_and_recall_options(self):
     export_dir = artifact.write_export(self.model_dir, os.path.join(self.create_tempdir().full_path, "e"),
@@ -210,6 +313,8 @@ class ArtifactTest(tf.test.TestCase):
         "manifest.json": (lambda p: open(p, "w").write("{not json"), "manifest.json is corrupt"),
         "index/embeddings.npy": (lambda p: open(p, "r+b").truncate(100), "embeddings.npy has 100 bytes"),
         "index/labels.npy": (os.remove, "labels.npy is missing"),
+        "backbone/backbone.weights.h5": (lambda p: open(p, "r+b").truncate(1000), "backbone.weights.h5 has 1000 bytes"),
+        "backbone/backbone.keras": (os.remove, "backbone.keras is missing"),
     }
     for relative, (damage, message) in cases.items():
       export_dir = self._copy()

@@ -10,6 +10,12 @@ Layout of an export dir E (written by export/export.py):
   E/index/labels.npy            int64 [N], when the collection is labelled
   E/index/paths.json            the image file of each row, for folder datasets
   E/index/scann/                the ScaNN searcher (tf_instdisc.index), unless exported with --index=none
+  E/backbone/                   the backbone alone, to fine-tune (e.g. detection, the paper's Table 6), unless
+                                exported with --backbone=false (`write_backbone`):
+    backbone.weights.h5         its weights (Keras 3 save_weights): no projection head, no bank
+    backbone.keras              the whole backbone (stock Keras layers only), loadable by keras.saving.load_model
+                                without tf_instdisc; any image size (H, W free), BatchNormalization unsynchronized
+    backbone.json               arch, input shape, features, pixel convention, stage output layers, how to rebuild
 
 An export is built in a sibling staging dir and renamed into place only when complete (`commit`), so E either does
 not exist or holds a full artifact; `read_manifest` also checks every file against the manifest's sizes, so a copy
@@ -30,15 +36,18 @@ import shutil
 import time
 from typing import Any, Sequence
 
+import keras
 import numpy as np
 import tensorflow as tf
 from absl import logging
 
 import tf_instdisc
+from tf_instdisc import backbones
 from tf_instdisc import checkpointing
 from tf_instdisc import config as config_lib
 from tf_instdisc import data as data_lib
 from tf_instdisc import export as export_lib
+from tf_instdisc import features
 from tf_instdisc import index as index_lib
 from tf_instdisc import knn
 from tf_instdisc import model as model_lib
@@ -47,7 +56,10 @@ FORMAT = "tf_instdisc.export/1"
 MANIFEST_FILE = "manifest.json"
 SAVED_MODEL_DIR, INDEX_DIR, SCANN_DIR = "saved_model", "index", "scann"
 EMBEDDINGS_FILE, IDS_FILE, LABELS_FILE, PATHS_FILE = "embeddings.npy", "ids.npy", "labels.npy", "paths.json"
+BACKBONE_DIR, BACKBONE_INFO_FILE = "backbone", "backbone.json"
+BACKBONE_WEIGHTS_FILE, BACKBONE_KERAS_FILE = "backbone.weights.h5", "backbone.keras"
 _STAGING_MARK, _OLD_MARK = ".partial-", ".replaced-"
+_STRIDE_PROBE = 224  # An input side divisible by every backbone's total stride (32), to measure stage strides.
 _BATCH = 256
 
 
@@ -74,6 +86,67 @@ def write_collection(index_dir: str, *, embeddings: np.ndarray, ids: np.ndarray,
   if paths:
     with open(os.path.join(index_dir, PATHS_FILE), "w") as f:
       json.dump(list(paths), f)
+
+
+def stage_layers(arch: str, backbone: keras.Model) -> list[str]:
+  """The layers ending each stage of a backbone, finest first: the taps of a feature pyramid.
+
+  ResNets: the last block's output of each stage (stage1_block2_out ... stage4_block2_out for ResNet-18), not the
+  stem; convnet_small: the ReLU before each pooling layer, the global one included (conv1_relu ... conv4_1_relu).
+  The same layers as the linear probes' conv1..conv5 (features.stage_layers).
+  """
+  stages = features.stage_layers(backbone)
+  return [name for paper, name in stages.items() if not (arch.startswith("resnet") and paper == "conv1")]
+
+
+def write_backbone(directory: str, backbone: keras.Model, *, arch: str, input_shape: Sequence[int | None],
+                   step: int) -> dict[str, Any]:
+  """The backbone alone under directory (the layout in the module docstring), to start e.g. a detector from.
+
+  backbone.weights.h5 is `backbone` itself. backbone.keras is a rebuild with the same layers and weights, but with
+  the spatial input size left free (a Keras model saved at the training size refuses any other, and a detector
+  feeds its own) and BatchNormalization unsynchronized (Keras refuses synchronized=True outside its TensorFlow
+  backend; the weights are the same either way).
+
+  Returns:
+    The manifest's "backbone" entry (paths relative to the export dir).
+  """
+  os.makedirs(directory)
+  backbone.save_weights(os.path.join(directory, BACKBONE_WEIGHTS_FILE))
+  channels = input_shape[-1]
+  portable = backbones.build_backbone(arch, (None, None, channels), policy="float32", sync_batchnorm=False)
+  for layer in portable.layers:
+    layer.set_weights(backbone.get_layer(layer.name).get_weights())
+  keras.saving.save_model(portable, os.path.join(directory, BACKBONE_KERAS_FILE))
+
+  stages = stage_layers(arch, portable)
+  taps = keras.Model(portable.inputs, [portable.get_layer(name).output for name in stages])
+  shapes = taps.compute_output_shape((1, _STRIDE_PROBE, _STRIDE_PROBE, channels))
+  standardize = portable.get_layer("standardize")  # Rescaling: x * scale + offset = (x - mean) / std.
+  features = int(portable.output.shape[-1])
+  shape_text = ", ".join(str(d) for d in input_shape)
+  checkpointing.write_json_atomic(os.path.join(directory, BACKBONE_INFO_FILE), {
+      "arch": arch,
+      "input_shape": list(input_shape),
+      "keras_input_shape": [None, None, channels],
+      "output": {"layer": portable.layers[-1].name, "features": features,
+                 "what": "global average pool of the last stage (the embedding model's projection comes after)"},
+      "pixels": {"dtype": "float32", "range": [0, 255], "channels": channels,
+                 "mean": -standardize.offset / standardize.scale, "std": 1.0 / standardize.scale,
+                 "standardization": "inside the model (layer 'standardize'): (x - mean) / std on every channel; "
+                                    "feed raw pixels"},
+      "stages": [{"layer": name, "stride": _STRIDE_PROBE // int(shape[1]), "channels": int(shape[-1])}
+                 for name, shape in zip(stages, shapes)],
+      "files": {"weights": BACKBONE_WEIGHTS_FILE, "keras": BACKBONE_KERAS_FILE},
+      "load": f"keras.saving.load_model('{BACKBONE_KERAS_FILE}')",
+      "rebuild": f"tf_instdisc.backbones.build_backbone('{arch}', ({shape_text})) then "
+                 f".load_weights('{BACKBONE_WEIGHTS_FILE}')",
+      "checkpoint_step": step,
+  })
+  relative = os.path.basename(directory)
+  return {"dir": relative, "arch": arch, "features": features,
+          **{key: os.path.join(relative, name) for key, name in (
+              ("weights", BACKBONE_WEIGHTS_FILE), ("keras", BACKBONE_KERAS_FILE), ("info", BACKBONE_INFO_FILE))}}
 
 
 def _file_sizes(root: str) -> dict[str, int]:
@@ -124,11 +197,13 @@ def _versions() -> dict[str, str | None]:
 
 def write_export(model_dir: str, export_dir: str, *, overwrite: bool = False, version: int | None = None,
                  index: str = "scann", knn_k: int | None = None, knn_temperature: float | None = None,
-                 collection_examples: int | None = None, batch_size: int = 256, recall_queries: int = 1000) -> str:
+                 collection_examples: int | None = None, batch_size: int = 256, recall_queries: int = 1000,
+                 backbone: bool = True) -> str:
   """Exports the latest checkpoint of a train.py model dir (export/export.py's flags document the arguments).
 
   Restores the model (float32 compute, whatever the training precision), embeds the collection (the clean train
-  split), builds the SavedModel and the index in a staging dir, writes the manifest last and commits.
+  split), builds the SavedModel, the index and (with `backbone`) the backbone files in a staging dir, writes the
+  manifest last and commits.
 
   Returns:
     The absolute export dir.
@@ -144,16 +219,13 @@ def write_export(model_dir: str, export_dir: str, *, overwrite: bool = False, ve
     raise ValueError(f"--index: got {index!r}, expected scann or none")
   if index == "scann" and not index_lib.scann_available():
     raise ValueError("--index=scann needs the scann package (pip install scann==1.4.2); or pass --index=none")
-  cfg = checkpointing.read_config(model_dir)
+  run = features.load_run(model_dir)
+  cfg, model, checkpoint, step = run.cfg, run.model, run.checkpoint, run.step
   data_cfg = cfg.data
   if collection_examples is not None:
     data_cfg = dataclasses.replace(data_cfg, max_train_examples=collection_examples)
   source = data_lib.load_source(data_cfg)
-  size = data_lib.resolve_image_size(source, cfg.data.image_size)
-  model = model_lib.build_embedding_model(cfg.model.arch, (size, size, source.image_shape[2]),
-                                          embedding_dim=cfg.model.embedding_dim, policy="float32",
-                                          seed=cfg.train.seed, head_batchnorm=cfg.model.head_batchnorm)
-  checkpoint, step = checkpointing.restore_model(model, model_dir)
+  size = run.input_shape[0]
   logging.info("restored %s (step %d)", checkpoint, step)
   version = step if version is None else version
   knn_k = min(knn_k or cfg.eval.knn_k, source.train.num_examples)
@@ -170,6 +242,10 @@ def write_export(model_dir: str, export_dir: str, *, overwrite: bool = False, ve
   try:
     archive = export_lib.build_archive(model, spec, collection, k=knn_k, temperature=temperature)
     export_lib.write_saved_model(archive, os.path.join(staging, SAVED_MODEL_DIR, str(version)))
+    backbone_info = None
+    if backbone:
+      backbone_info = write_backbone(os.path.join(staging, BACKBONE_DIR), model_lib.backbone_of(model),
+                                     arch=cfg.model.arch, input_shape=(size, size, source.image_shape[2]), step=step)
     index_dir = os.path.join(staging, INDEX_DIR)
     write_collection(index_dir, embeddings=embeddings, ids=ids, labels=collection.labels, paths=source.train.files)
     index_info = {"kind": "none", "settings": None}
@@ -196,6 +272,7 @@ def write_export(model_dir: str, export_dir: str, *, overwrite: bool = False, ve
         "saved_model": {"version": version, "tag": export_lib.SAVED_MODEL_TAG,
                         "signatures": list(export_lib.SIGNATURES)},
         "index": index_info,
+        "backbone": backbone_info,
         "checkpoint": {"path": checkpoint, "step": step, "model_dir": os.path.abspath(model_dir)},
         "versions": _versions(),
         "config": config_lib.to_dict(cfg),
