@@ -100,7 +100,7 @@ def _row(variant: ablation.Variant, model_dir: str, results: dict) -> dict:
           "linear_top1": linear.get("top1"), "linear_top5": linear.get("top5"),
           "paper_knn": paper_knn and paper_knn[0], "paper_linear": paper_linear and paper_linear[0],
           "paper_where": (paper_knn or paper_linear or (None, None))[1],
-          "epochs": len(ablation.read_epochs(model_dir)), "train_seconds": ablation.train_seconds(model_dir)}
+          "epochs": len(results_lib.read_epochs(model_dir)), "train_seconds": results_lib.train_seconds(model_dir)}
 
 
 def _plot(rows: list[dict], root: str) -> None:
@@ -118,7 +118,7 @@ def _plot(rows: list[dict], root: str) -> None:
                                f"{_EPOCHS.value} epochs)")
   proximal = [r for r in rows if r["study"] == "proximal"]
   if proximal:
-    plots.training_curves({r["setting"]: ablation.read_epochs(os.path.join(root, r["name"])) for r in proximal},
+    plots.training_curves({r["setting"]: results_lib.read_epochs(os.path.join(root, r["name"])) for r in proximal},
                           os.path.join(root, "proximal_curves.png"), title="Bank momentum and the proximal term")
 
 

@@ -117,6 +117,17 @@ class ResultsTableTest(tf.test.TestCase):
     self.assertEqual(rows[0]["top-1"], "81.23")
     self.assertEqual(rows[0]["paper top-1"], "80.4")
     self.assertEqual(rows[0]["wall time"], "1m15s")
+    self.assertEqual(rows[0]["train time"], "")  # No training run given (an untrained baseline).
+
+  def test_train_time_comes_from_the_runs_metrics(self):
+    model_dir = self.create_tempdir().full_path
+    with open(os.path.join(model_dir, "metrics.jsonl"), "w") as f:
+      f.write('{"epoch": 1, "seconds": 100.5}\n{"epoch": 2, "seconds": 99.5}\n')
+    with open(os.path.join(model_dir, "final_metrics.json"), "w") as f:
+      f.write('{"seconds": 20}')
+    self.assertEqual(results.train_seconds(model_dir), 220.0)
+    self.assertLen(results.read_epochs(model_dir), 2)
+    self.assertEqual(results.read_epochs(os.path.join(model_dir, "none")), [])
 
   def test_no_paper_number_for_settings_the_paper_lacks(self):
     self.assertIsNone(results.paper_number("embedding", "48", "knn"))

@@ -10,8 +10,6 @@ Studies (all variants start from one base flagfile; NCE variants use m = 4096 un
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any
 
 STUDIES = ("objective", "embedding", "fraction", "proximal")
@@ -85,25 +83,6 @@ def variants(studies: tuple[str, ...], *, fractions: tuple[float, ...] = (10.0, 
             Variant(f"proximal{proximal_lambda:g}", "proximal", f"proximal lambda={proximal_lambda:g}",
                     (*nce, "--bank_momentum=0", f"--proximal_lambda={proximal_lambda:g}"), 2)]
   return out
-
-
-def read_epochs(model_dir: str) -> list[dict[str, Any]]:
-  """The run's metrics.jsonl records ([] when it has none)."""
-  path = os.path.join(model_dir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
-def train_seconds(model_dir: str) -> float:
-  """Wall time of the run's training epochs plus its final evaluation (from metrics.jsonl, final_metrics.json)."""
-  seconds = sum(r.get("seconds", 0.0) for r in read_epochs(model_dir))
-  final = os.path.join(model_dir, "final_metrics.json")
-  if os.path.exists(final):
-    with open(final) as f:
-      seconds += json.load(f).get("seconds", 0.0)
-  return seconds
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 import time
 from typing import Any
@@ -180,9 +179,10 @@ def evaluate(model_dir: str, options: EvalOptions) -> dict[str, Any]:
   unknown = [name for name in layers if name not in all_layers]
   if unknown:
     raise ValueError(f"--layers: unknown {', '.join(unknown)}; this model has {', '.join(all_layers)}")
-  epochs = 0 if options.untrained else _epochs_done(model_dir, cfg)
+  epochs = 0 if options.untrained else len(results_lib.read_epochs(model_dir)) or cfg.train.epochs
   describe = dict(run=run_name, dataset=cfg.data.dataset, arch=cfg.model.arch, objective=_objective(cfg),
                   epochs=epochs)
+  trained_for = None if options.untrained else results_lib.train_seconds(model_dir)
   everything: dict[str, Any] = {}
   source = None
   if {"knn", "linear"} & set(options.protocols):
@@ -252,7 +252,8 @@ def evaluate(model_dir: str, options: EvalOptions) -> dict[str, Any]:
     results_lib.write_json(os.path.join(output_dir, f"{protocol}.json"), result)
     results_lib.append_rows(table, [
         results_lib.table_row(protocol=protocol, setting=setting, top1=score.get("top1"), top5=score.get("top5"),
-                              paper=paper, seconds=seconds, **describe) for setting, score, paper in rows])
+                              paper=paper, seconds=seconds, train_seconds=trained_for, **describe)
+        for setting, score, paper in rows])
     everything[protocol] = result
   if options.plots:
     _curves_plot(model_dir, output_dir, run_name)
@@ -263,15 +264,6 @@ def _objective(cfg: config_lib.Config) -> str:
   if cfg.loss.objective == "nce":
     return f"nce m={cfg.loss.num_negatives}"
   return cfg.loss.objective
-
-
-def _epochs_done(model_dir: str, cfg: config_lib.Config) -> int:
-  path = os.path.join(model_dir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return cfg.train.epochs
-  with open(path) as f:
-    epochs = [json.loads(line)["epoch"] for line in f if line.strip()]
-  return max(epochs, default=0)
 
 
 def _paper(options: EvalOptions, cfg: config_lib.Config, protocol: str, layer: str,
@@ -303,11 +295,7 @@ def _tsne_plot(embeddings: np.ndarray, labels: np.ndarray, source: data_lib.Data
 
 
 def _curves_plot(model_dir: str, output_dir: str, run_name: str) -> None:
-  path = os.path.join(model_dir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    records = [json.loads(line) for line in f if line.strip()]
+  records = results_lib.read_epochs(model_dir)
   if records:
     plots.training_curves({run_name: records}, os.path.join(output_dir, "curves.png"),
                           title=f"Training loss and bank kNN top-1 ({run_name})")

@@ -85,7 +85,7 @@ def embedding_map(points: np.ndarray, labels: np.ndarray, output: str, *, class_
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(7.5, 6.5))
   colors = _class_colors(len(classes))
-  marker_size = float(np.clip(2000 / len(points), 1, 20))
+  marker_size = float(np.clip(8000 / len(points), 3, 20))
   for color, class_id in zip(colors, classes):
     mask = labels == class_id
     name = class_names[class_id] if class_names is not None else str(class_id)

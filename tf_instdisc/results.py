@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import fcntl
+import json
 import os
 from typing import Any
 
@@ -64,7 +65,8 @@ PAPER = {
 PAPER_SEMI_SUPERVISED_NOTE = "Fig. 6, ImageNet: about +10 top-5 points over scratch at 1% labels"
 
 TABLE_COLUMNS = ("run", "dataset", "arch", "objective", "epochs", "protocol", "setting", "top-1", "top-5",
-                 "paper top-1", "paper setting", "wall time", "date")
+                 "paper top-1", "paper setting", "wall time", "date", "train time")
+METRICS_FILE, FINAL_METRICS_FILE = "metrics.jsonl", "final_metrics.json"  # As train_lib writes them.
 
 
 def paper_number(study: str, setting: str, protocol: str) -> tuple[float, str] | None:
@@ -83,16 +85,37 @@ def format_seconds(seconds: float) -> str:
   return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{secs:02d}s"
 
 
+def read_epochs(model_dir: str) -> list[dict[str, Any]]:
+  """A train.py run's per-epoch records (metrics.jsonl; [] when it has none)."""
+  path = os.path.join(model_dir, METRICS_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def train_seconds(model_dir: str) -> float:
+  """Wall time of a run's training epochs plus its final kNN evaluation (metrics.jsonl, final_metrics.json)."""
+  seconds = sum(r.get("seconds", 0.0) for r in read_epochs(model_dir))
+  final = os.path.join(model_dir, FINAL_METRICS_FILE)
+  if os.path.exists(final):
+    with open(final) as f:
+      seconds += json.load(f).get("seconds", 0.0)
+  return seconds
+
+
 def table_row(*, run: str, dataset: str, arch: str, objective: str, epochs: int, protocol: str, setting: str,
-              top1: float | None, top5: float | None, paper: tuple[float, str] | None,
-              seconds: float) -> dict[str, str]:
-  """One row of the results table; accuracies in [0, 1] are shown as percentages."""
+              top1: float | None, top5: float | None, paper: tuple[float, str] | None, seconds: float,
+              train_seconds: float | None = None) -> dict[str, str]:
+  """One row of the results table; accuracies in [0, 1] are shown as percentages. "wall time" is the
+  evaluation's, "train time" the training run's (empty for an untrained baseline)."""
   def percent(value):
     return "" if value is None else f"{100 * value:.2f}"
   return {"run": run, "dataset": dataset, "arch": arch, "objective": objective, "epochs": str(epochs),
           "protocol": protocol, "setting": setting, "top-1": percent(top1), "top-5": percent(top5),
           "paper top-1": "" if paper is None else f"{paper[0]:.1f}", "paper setting": "" if paper is None else paper[1],
-          "wall time": format_seconds(seconds), "date": datetime.date.today().isoformat()}
+          "wall time": format_seconds(seconds), "date": datetime.date.today().isoformat(),
+          "train time": "" if not train_seconds else format_seconds(train_seconds)}
 
 
 def append_rows(path: str, rows: list[dict[str, str]]) -> None:
