@@ -47,6 +47,8 @@ _LAMBDA = flags.DEFINE_float("proximal_lambda", 30.0, "proximal study: lambda of
 _EXTRA = flags.DEFINE_list("train_flags", [], "More train.py flags for every variant, e.g. --eval_every_epochs=1.")
 _PROTOCOLS = flags.DEFINE_list("protocols", ["knn", "linear"], "Evaluations of every variant: knn, linear.")
 _KNN_K = flags.DEFINE_integer("knn_k", 200, "kNN neighbours.")
+_LINEAR_LOSS = flags.DEFINE_enum("linear_loss", "svm", linear_probe.LOSSES,
+                                 "The linear probe: svm (as the paper's Table 1) or logistic.")
 _LINEAR_EPOCHS = flags.DEFINE_integer("linear_epochs", linear_probe.ProbeConfig().epochs, "Linear-probe epochs.")
 _TABLE = flags.DEFINE_string("results_table", "", "Markdown results table to append to (default ROOT/results.md).")
 _TRAIN_ONLY = flags.DEFINE_bool("train_only", False, "Train the variants, evaluate nothing.")
@@ -69,7 +71,7 @@ def _train(variant: ablation.Variant, model_dir: str) -> None:
 
 
 def _evaluate(variant: ablation.Variant, model_dir: str, table: str) -> dict:
-  """knn / linear results of the variant (cached in MODEL_DIR/eval/ as long as the checkpoint is unchanged)."""
+  """knn / linear results of the variant (cached in MODEL_DIR/eval/ while the checkpoint and probe are the same)."""
   output_dir = os.path.join(model_dir, "eval")
   results = {}
   for protocol in _PROTOCOLS.value:
@@ -77,13 +79,14 @@ def _evaluate(variant: ablation.Variant, model_dir: str, table: str) -> dict:
     if os.path.exists(path):
       with open(path) as f:
         cached = json.load(f)
-      if os.path.exists(cached.get("checkpoint", "") + ".index"):
+      same_probe = protocol != "linear" or cached.get("loss") == _LINEAR_LOSS.value
+      if same_probe and os.path.exists(cached.get("checkpoint", "") + ".index"):
         results[protocol] = cached
         continue
     options = evaluation.EvalOptions(
         protocols=(protocol,), knn_k=(_KNN_K.value,), layers=("embedding",),
-        probe=linear_probe.ProbeConfig(epochs=_LINEAR_EPOCHS.value), max_train_examples=_EVAL_TRAIN.value,
-        output_dir=output_dir,
+        probe=linear_probe.ProbeConfig(loss=_LINEAR_LOSS.value, epochs=_LINEAR_EPOCHS.value),
+        max_train_examples=_EVAL_TRAIN.value, output_dir=output_dir,
         results_table=table, run_name=f"ablation/{variant.name}", plots=False, study=variant.study,
         setting=variant.setting)
     results.update(evaluation.evaluate(model_dir, options))
