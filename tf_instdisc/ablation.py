@@ -86,13 +86,13 @@ def variants(studies: tuple[str, ...], *, fractions: tuple[float, ...] = (10.0, 
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-  """Per-study Markdown tables of ablation rows {study, setting, knn_top1, knn_top5, linear_top1, paper_knn,
-  paper_linear, paper_where, train_seconds, epochs} (accuracies in [0, 1], paper numbers in %)."""
+  """Per-study Markdown tables of ablation rows {study, setting, x, knn_top1, knn_top5, linear_top1, paper_knn,
+  paper_linear, paper_where, train_seconds, epochs} (accuracies in [0, 1], paper numbers in %), rows in x order."""
   def percent(value):
     return "" if value is None else f"{100 * value:.2f}"
   lines = []
   for study in STUDIES:
-    study_rows = [r for r in rows if r["study"] == study]
+    study_rows = sorted((r for r in rows if r["study"] == study), key=lambda r: r.get("x", 0))
     if not study_rows:
       continue
     lines += [f"### {study}", "",

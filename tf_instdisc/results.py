@@ -95,7 +95,8 @@ def read_epochs(model_dir: str) -> list[dict[str, Any]]:
 
 
 def train_seconds(model_dir: str) -> float:
-  """Wall time of a run's training epochs plus its final kNN evaluation (metrics.jsonl, final_metrics.json)."""
+  """Seconds of a run's training steps plus its final kNN evaluation (metrics.jsonl, final_metrics.json): below
+  the run's wall clock, which also holds the per-epoch bank kNN and the checkpoint writes."""
   seconds = sum(r.get("seconds", 0.0) for r in read_epochs(model_dir))
   final = os.path.join(model_dir, FINAL_METRICS_FILE)
   if os.path.exists(final):
