@@ -51,7 +51,6 @@ _LINEAR_LOSS = flags.DEFINE_enum("linear_loss", "svm", linear_probe.LOSSES,
                                  "The linear probe: svm (as the paper's Table 1) or logistic.")
 _LINEAR_EPOCHS = flags.DEFINE_integer("linear_epochs", linear_probe.ProbeConfig().epochs, "Linear-probe epochs.")
 _TABLE = flags.DEFINE_string("results_table", "", "Markdown results table to append to (default ROOT/results.md).")
-_TRAIN_ONLY = flags.DEFINE_bool("train_only", False, "Train the variants, evaluate nothing.")
 
 FLAGS = flags.FLAGS
 
@@ -151,9 +150,9 @@ def main(argv: list[str]) -> int:
     for variant in plan:  # The base run appears in several studies: trained and evaluated once.
       model_dir = os.path.join(root, variant.name)
       _train(variant, model_dir)
-      if not _TRAIN_ONLY.value and variant.name not in evaluated:
+      if variant.name not in evaluated:
         evaluated[variant.name] = _evaluate(variant, model_dir, table)
-      rows.append(_row(variant, model_dir, evaluated.get(variant.name, {})))
+      rows.append(_row(variant, model_dir, evaluated[variant.name]))
   except (ValueError, RuntimeError) as e:
     print(f"ablate.py: {e}", file=sys.stderr)
     return 2
@@ -163,8 +162,7 @@ def main(argv: list[str]) -> int:
   with open(os.path.join(root, "ablation.md.tmp"), "w") as f:
     f.write(ablation.markdown(rows))
   os.replace(os.path.join(root, "ablation.md.tmp"), os.path.join(root, "ablation.md"))
-  if not _TRAIN_ONLY.value:
-    _plot(rows, root)
+  _plot(rows, root)
   print(ablation.markdown(rows))
   return 0
 

@@ -87,10 +87,15 @@ class AblateCommandTest(tf.test.TestCase):
     self.assertLen(results.read_table(table), 8)  # Nothing retrained or re-evaluated.
     self.assertLess(time.time() - start, 60)
 
-  def test_bad_study_is_named(self):
-    result = self._ablate(self.create_tempdir().full_path, "--studies=depth")
-    self.assertEqual(result.returncode, 2)
-    self.assertIn("--studies", result.stderr)
+  def test_bad_flags_are_named_before_anything_trains(self):
+    for flag in ("--studies=depth", "--protocols=knn,svm", "--fractions=ten", "--fractions=150",
+                 "--base_flagfile=missing.flags"):
+      with self.subTest(flag=flag):
+        root = self.create_tempdir().full_path
+        result = self._ablate(root, flag)
+        self.assertEqual(result.returncode, 2, result.stderr[-2000:])
+        self.assertIn(flag.split("=")[0], result.stderr)
+        self.assertEqual(os.listdir(root), [])
 
 
 if __name__ == "__main__":

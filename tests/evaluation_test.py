@@ -166,12 +166,47 @@ class EvaluationTest(tf.test.TestCase):
     with self.assertRaisesRegex(ValueError, "--model_dir"):
       evaluation.evaluate(os.path.join(self.root, "nothing"), self._options("bad"))
 
-  def test_command_line_names_a_bad_flag_value(self):
-    result = subprocess.run([sys.executable, "evaluate.py", f"--model_dir={self.model_dir}", "--protocol=knn",
-                             "--knn_k=ten"], cwd=testing.REPO_ROOT, capture_output=True, text=True, timeout=300)
-    self.assertEqual(result.returncode, 2, result.stderr[-2000:])
-    self.assertIn("--knn_k", result.stderr)
+  def _evaluate_py(self, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "evaluate.py", f"--model_dir={self.model_dir}", *flags],
+                          cwd=testing.REPO_ROOT, capture_output=True, text=True, timeout=600)
 
+  def test_command_line_names_a_bad_flag_value(self):
+    for flags, named in ((["--protocol=knn", "--knn_k=ten"], "--knn_k"),
+                         (["--protocol=transfer"], "--transfer_dataset"),
+                         (["--linear_weight_decays=a"], "--linear_weight_decays"),
+                         (["--label_fractions=0"], "--label_fractions")):
+      with self.subTest(named=named):
+        result = self._evaluate_py(*flags)
+        self.assertEqual(result.returncode, 2, result.stderr[-2000:])
+        self.assertIn(named, result.stderr)
+
+  def test_command_line_flags_reach_the_protocols(self):
+    out = os.path.join(self.root, "cli")
+    result = self._evaluate_py(
+        "--protocol=knn,linear,semi_supervised", "--knn_k=5,7", "--knn_temperature=0.1", "--layers=conv4,embedding",
+        "--max_layer_dims=500", "--linear_loss=svm", "--linear_epochs=2", "--linear_batch_size=64",
+        "--linear_learning_rate=0.02", "--linear_weight_decays=1e-3", "--linear_val_fraction=0.2",
+        "--label_fractions=5", "--finetune_epochs=1", "--finetune_batch_size=16", "--finetune_learning_rate=0.02",
+        "--finetune_momentum=0.8", "--finetune_weight_decay=1e-4", "--seed=3", "--max_train_examples=400",
+        "--max_eval_examples=200", "--batch_size=100", f"--output_dir={out}",
+        f"--results_table={os.path.join(out, 'table.md')}", "--run_name=cli", "--noplots", "--tsne_points=0",
+        "--untrained")
+    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    self.assertIn("semi_supervised: 5% pretrained", result.stdout)
+    loaded = {p: json.load(open(os.path.join(out, f"{p}.json"))) for p in ("knn", "linear", "semi_supervised")}
+    self.assertEqual(set(loaded["knn"]["scores"]), {"k=5", "k=7"})
+    self.assertEqual((loaded["knn"]["temperature"], loaded["knn"]["keys"], loaded["knn"]["queries"]), (0.1, 400, 200))
+    self.assertTrue(loaded["knn"]["untrained"])
+    linear = loaded["linear"]["scores"]
+    self.assertEqual((loaded["linear"]["loss"], set(linear)), ("svm", {"conv4", "embedding"}))
+    self.assertLessEqual(linear["conv4"]["dims"], 500)
+    self.assertEqual((linear["conv4"]["weight_decay"], linear["conv4"]["train_examples"]), (1e-3, 400))
+    self.assertEqual(loaded["semi_supervised"]["recipe"], dict(epochs=1, batch_size=16, learning_rate=0.02,
+                                                                momentum=0.8, weight_decay=1e-4, seed=3))
+    self.assertAllClose(loaded["semi_supervised"]["scores"]["5%"]["labelled_examples"], 20, atol=5)  # 5% of 400.
+    rows = results.read_table(os.path.join(out, "table.md"))
+    self.assertEqual({(r["run"], r["epochs"]) for r in rows}, {("cli", "0")})
+    self.assertFalse([name for name in os.listdir(out) if name.endswith(".png")])  # --noplots.
 
 if __name__ == "__main__":
   tf.test.main()

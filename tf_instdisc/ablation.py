@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from tf_instdisc import results
+
 STUDIES = ("objective", "embedding", "fraction", "proximal")
 PAPER_NEGATIVES = 4096  # The paper's m; smaller only for collections with fewer images (tests).
 
@@ -99,9 +101,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
               "| setting | kNN top-1 | kNN top-5 | linear top-1 | paper kNN | paper linear | paper setting | epochs | "
               "train time |", "|---|---|---|---|---|---|---|---|---|"]
     for r in study_rows:
-      minutes, secs = divmod(int(round(r["train_seconds"])), 60)
       lines.append(f"| {r['setting']} | {percent(r['knn_top1'])} | {percent(r['knn_top5'])} | "
                    f"{percent(r['linear_top1'])} | {r['paper_knn'] or ''} | {r['paper_linear'] or ''} | "
-                   f"{r['paper_where'] or ''} | {r['epochs']} | {minutes}m{secs:02d}s |")
+                   f"{r['paper_where'] or ''} | {r['epochs']} | {results.format_seconds(r['train_seconds'])} |")
     lines.append("")
   return "\n".join(lines)

@@ -175,26 +175,28 @@ def evaluate(model_dir: str, options: EvalOptions) -> dict[str, Any]:
   run_name = options.run_name or os.path.basename(os.path.normpath(model_dir))
   table = options.results_table or os.path.join(output_dir, "results.md")
   all_layers = features_lib.layer_names(run.model)
-  layers = list(options.layers) or all_layers
-  unknown = [name for name in layers if name not in all_layers]
-  if unknown:
-    raise ValueError(f"--layers: unknown {', '.join(unknown)}; this model has {', '.join(all_layers)}")
+  layers = list(options.layers) or all_layers  # build_extractor names an unknown one.
   epochs = 0 if options.untrained else len(results_lib.read_epochs(model_dir)) or cfg.train.epochs
   describe = dict(run=run_name, dataset=cfg.data.dataset, arch=cfg.model.arch, objective=_objective(cfg),
                   epochs=epochs)
   trained_for = None if options.untrained else results_lib.train_seconds(model_dir)
   everything: dict[str, Any] = {}
   source = None
-  if {"knn", "linear"} & set(options.protocols):
+  if {"knn", "linear", "semi_supervised"} & set(options.protocols):
     source = data_lib.load_source(_data_config(cfg, options))
     _labelled(source, "model_dir")
+  # knn and linear share one pass over the data: the embedding and, for linear, the layers.
+  feature_layers = list(dict.fromkeys([*(layers if "linear" in options.protocols else []), features_lib.EMBEDDING]))
+  extracted = None
   for protocol in options.protocols:
     start = time.time()
     rows = []
     base = {"model_dir": os.path.abspath(model_dir), "checkpoint": run.checkpoint, "step": run.step,
             "untrained": options.untrained, "protocol": protocol, **describe}
+    if protocol in ("knn", "linear") and extracted is None:
+      extracted = _features(run, source, feature_layers, options, cfg)
     if protocol == "knn":
-      train, train_labels, test, test_labels = _features(run, source, [features_lib.EMBEDDING], options, cfg)
+      train, train_labels, test, test_labels = extracted
       scores = knn_scores(train[features_lib.EMBEDDING], train_labels, test[features_lib.EMBEDDING], test_labels,
                           ks=options.knn_k, temperature=options.knn_temperature, num_classes=source.num_classes)
       result = {**base, "temperature": options.knn_temperature, "keys": source.train.num_examples,
@@ -204,7 +206,7 @@ def evaluate(model_dir: str, options: EvalOptions) -> dict[str, Any]:
       if options.plots and options.tsne_points:
         _tsne_plot(test[features_lib.EMBEDDING], test_labels, source, options, output_dir, run_name)
     elif protocol == "linear":
-      train, train_labels, test, test_labels = _features(run, source, layers, options, cfg)
+      train, train_labels, test, test_labels = extracted
       scores = _linear_scores(train, train_labels, test, test_labels, layers=layers, options=options,
                               num_classes=source.num_classes)
       result = {**base, "loss": options.probe.loss, "scores": scores}
@@ -217,8 +219,7 @@ def evaluate(model_dir: str, options: EvalOptions) -> dict[str, Any]:
                              paper=_paper_layer_series(cfg, layers), xlabel="layer", x_ticklabels=layers,
                              title=f"Linear probe per layer ({run_name})")
     elif protocol == "semi_supervised":
-      labelled = data_lib.load_source(_data_config(cfg, options))
-      scores = semi_supervised(model_dir, labelled, cfg, options)
+      scores = semi_supervised(model_dir, source, cfg, options)
       result = {**base, "recipe": dataclasses.asdict(options.finetune), "scores": scores,
                 "paper": results_lib.PAPER_SEMI_SUPERVISED_NOTE}
       for fraction, row in scores.items():
@@ -268,11 +269,13 @@ def _objective(cfg: config_lib.Config) -> str:
 
 def _paper(options: EvalOptions, cfg: config_lib.Config, protocol: str, layer: str,
            transfer: bool = False) -> tuple[float, str] | None:
-  if options.study:  # An ablation row: the paper's number for the same study and setting.
-    return results_lib.paper_number(options.study, options.setting, protocol) if layer == "embedding" or (
-        protocol == "linear") else None
-  study = "transfer" if transfer else "layers"
-  return results_lib.paper_number(study, f"{cfg.model.arch}:{layer}", protocol)
+  """The paper's number for a row: an ablation's study and setting (ablate.py probes the embedding only), else
+  the same architecture's layer in Table 2 (or Table 3 for transfer)."""
+  if options.study:
+    if layer != features_lib.EMBEDDING:
+      return None
+    return results_lib.paper_number(options.study, options.setting, protocol)
+  return results_lib.paper_number("transfer" if transfer else "layers", f"{cfg.model.arch}:{layer}", protocol)
 
 
 def _paper_layer_series(cfg: config_lib.Config, layers: list[str]) -> dict[str, list[float | None]] | None:

@@ -66,7 +66,7 @@ PAPER_SEMI_SUPERVISED_NOTE = "Fig. 6, ImageNet: about +10 top-5 points over scra
 
 TABLE_COLUMNS = ("run", "dataset", "arch", "objective", "epochs", "protocol", "setting", "top-1", "top-5",
                  "paper top-1", "paper setting", "wall time", "date", "train time")
-METRICS_FILE, FINAL_METRICS_FILE = "metrics.jsonl", "final_metrics.json"  # As train_lib writes them.
+METRICS_FILE, FINAL_METRICS_FILE = "metrics.jsonl", "final_metrics.json"  # A train.py run's (train_lib writes them).
 
 
 def paper_number(study: str, setting: str, protocol: str) -> tuple[float, str] | None:
@@ -81,8 +81,9 @@ def write_json(path: str, value: dict[str, Any]) -> None:
 
 
 def format_seconds(seconds: float) -> str:
+  """3m05s, or 1h02m03s from an hour on (progress lines, tables)."""
   minutes, secs = divmod(int(round(seconds)), 60)
-  return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{secs:02d}s"
+  return f"{minutes // 60}h{minutes % 60:02d}m{secs:02d}s" if minutes >= 60 else f"{minutes}m{secs:02d}s"
 
 
 def read_epochs(model_dir: str) -> list[dict[str, Any]]:

@@ -31,10 +31,11 @@ from tf_instdisc import knn
 from tf_instdisc import memory_bank
 from tf_instdisc import model as model_lib
 from tf_instdisc import objectives
+from tf_instdisc import results as results_lib
 from tf_instdisc import schedules
 
 METRIC_NAMES = ("loss", "normalizer", "positive_similarity")
-METRICS_FILE, FINAL_METRICS_FILE = "metrics.jsonl", "final_metrics.json"
+METRICS_FILE, FINAL_METRICS_FILE = results_lib.METRICS_FILE, results_lib.FINAL_METRICS_FILE
 
 
 @dataclasses.dataclass
@@ -183,11 +184,6 @@ def plan_run(cfg: config_lib.Config, source: data_lib.DataSource) -> RunPlan:
                  steps_per_epoch=num_instances // cfg.train.batch_size, global_batch_size=cfg.train.batch_size)
 
 
-def _format_seconds(seconds: float) -> str:
-  minutes, secs = divmod(int(seconds), 60)
-  return f"{minutes // 60}h{minutes % 60:02d}m{secs:02d}s" if minutes >= 60 else f"{minutes}m{secs:02d}s"
-
-
 class _Run:
   """The Python side of one run: owns the model dir's files, summaries and console output.
 
@@ -244,7 +240,7 @@ class _Run:
     start = time.time()
     self.state.bank.initialize_from(self._clean_train_features())
     logging.info("memory bank initialised from the untrained network's features (%s)",
-                 _format_seconds(time.time() - start))
+                 results_lib.format_seconds(time.time() - start))
 
   def _truncate_metrics(self, completed_epochs: int) -> None:
     """Drops metrics.jsonl lines of epochs after the restored checkpoint: they will be trained, and logged, again."""
@@ -294,7 +290,7 @@ class _Run:
       rate = count * self.plan.global_batch_size / (time.time() - start)
       logging.info("epoch %d/%d step %d/%d loss %.4f lr %.4g %.0f img/s epoch ETA %s", epoch + 1,
                    self.cfg.train.epochs, self.step - epoch * spe, spe, outputs["loss"], self._lr(),
-                   rate, _format_seconds((end - self.step) * self.plan.global_batch_size / rate))
+                   rate, results_lib.format_seconds((end - self.step) * self.plan.global_batch_size / rate))
     seconds = time.time() - start
     means = {k: v / max(count, 1) for k, v in sums.items()}
     return {**means, "seconds": seconds, "images_per_sec": count * self.plan.global_batch_size / max(seconds, 1e-9)}
@@ -349,7 +345,7 @@ class _Run:
     knn_text = "" if record["knn_top1"] is None else (
         f" bank kNN top-1 {100 * record['knn_top1']:.2f}% top-5 {100 * record['knn_top5']:.2f}%")
     logging.info("epoch %d done: loss %.4f%s, %.0f img/s, %s", epoch + 1, record["loss"], knn_text,
-                 record["images_per_sec"], _format_seconds(record["seconds"]))
+                 record["images_per_sec"], results_lib.format_seconds(record["seconds"]))
 
   def train(self) -> None:
     cfg, spe = self.cfg, self.plan.steps_per_epoch
