@@ -82,8 +82,9 @@ def _evaluate(variant: ablation.Variant, model_dir: str, table: str) -> dict:
       if same_probe and os.path.exists(cached.get("checkpoint", "") + ".index"):
         results[protocol] = cached
         continue
+    # The studies compare embeddings; the pixels row would be the same for every variant.
     options = evaluation.EvalOptions(
-        protocols=(protocol,), knn_k=(_KNN_K.value,), layers=("embedding",),
+        protocols=(protocol,), knn_k=(_KNN_K.value,), knn_features=("embedding",), layers=("embedding",),
         probe=linear_probe.ProbeConfig(loss=_LINEAR_LOSS.value, epochs=_LINEAR_EPOCHS.value),
         max_train_examples=_EVAL_TRAIN.value, output_dir=output_dir,
         results_table=table, run_name=f"ablation/{variant.name}", plots=False, study=variant.study,

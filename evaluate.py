@@ -30,7 +30,12 @@ flags.DEFINE_string("model_dir", None, "A train.py --model_dir (its config.json 
 flags.DEFINE_list("protocol", list(_OPTIONS.protocols), f"Protocols to run: {', '.join(evaluation.PROTOCOLS)}.")
 flags.DEFINE_list("knn_k", [str(k) for k in _OPTIONS.knn_k], "kNN neighbour counts, e.g. 10,20,200.")
 flags.DEFINE_float("knn_temperature", _OPTIONS.knn_temperature, "Temperature of the kNN vote weights.")
-flags.DEFINE_list("layers", [], "Linear-probe layers (conv1..conv5, embedding); empty = all of them.")
+flags.DEFINE_list("knn_features", list(_OPTIONS.knn_features),
+                  "kNN rows: embedding (the result), backbone (pooled features before the projection head) and "
+                  "pixels (the raw eval view; skipped when the images' pixels exceed evaluation.MAX_PIXEL_VALUES), "
+                  "each L2-normalised.")
+flags.DEFINE_list("layers", [], "Linear-probe layers (conv1..conv5, backbone, embedding); empty = the stages and "
+                  "the embedding.")
 flags.DEFINE_integer("max_layer_dims", _OPTIONS.max_layer_dims,
                      "A stage's feature map is average-pooled to at most this many values (the paper: about 10k).")
 flags.DEFINE_enum("linear_loss", _PROBE.loss, linear_probe.LOSSES,
@@ -83,8 +88,8 @@ def options_from_flags() -> evaluation.EvalOptions:
       momentum=FLAGS.finetune_momentum, weight_decay=FLAGS.finetune_weight_decay, seed=FLAGS.seed)
   return evaluation.validate(evaluation.EvalOptions(
       protocols=tuple(FLAGS.protocol), knn_k=_numbers("knn_k", int), knn_temperature=FLAGS.knn_temperature,
-      layers=tuple(FLAGS.layers), max_layer_dims=FLAGS.max_layer_dims, probe=probe,
-      label_fractions=_numbers("label_fractions", float), finetune=finetune,
+      knn_features=tuple(FLAGS.knn_features), layers=tuple(FLAGS.layers), max_layer_dims=FLAGS.max_layer_dims,
+      probe=probe, label_fractions=_numbers("label_fractions", float), finetune=finetune,
       transfer_dataset=FLAGS.transfer_dataset, transfer_data_dir=FLAGS.transfer_data_dir,
       max_train_examples=FLAGS.max_train_examples, max_eval_examples=FLAGS.max_eval_examples,
       batch_size=FLAGS.batch_size, output_dir=FLAGS.output_dir, results_table=FLAGS.results_table,

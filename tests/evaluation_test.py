@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import unittest
+from unittest import mock
 
 from tests import testing
 
@@ -23,6 +24,7 @@ from tf_instdisc import evaluation  # noqa: E402
 from tf_instdisc import features  # noqa: E402
 from tf_instdisc import finetune  # noqa: E402
 from tf_instdisc import linear_probe  # noqa: E402
+from tf_instdisc import model as model_lib  # noqa: E402
 from tf_instdisc import results  # noqa: E402
 from tf_instdisc import train_lib  # noqa: E402
 
@@ -30,6 +32,38 @@ from tf_instdisc import train_lib  # noqa: E402
 def _readable_png(path: str) -> tuple[int, ...]:
   import matplotlib.image
   return matplotlib.image.imread(path).shape
+
+
+def _fashion_mnist(prefix: str, count: int) -> tuple[np.ndarray, np.ndarray]:
+  """The first `count` images float32 [count, 28, 28, 1] in [0, 255] and labels of the train or t10k files."""
+  images = data_lib.read_idx(os.path.join(testing.FASHION_MNIST_DIR, f"{prefix}-images-idx3-ubyte.gz"))[:count]
+  labels = data_lib.read_idx(os.path.join(testing.FASHION_MNIST_DIR, f"{prefix}-labels-idx1-ubyte.gz"))[:count]
+  return images[..., None].astype(np.float32), labels.astype(np.int64)
+
+
+def _unit(rows: np.ndarray) -> np.ndarray:
+  rows = np.reshape(rows, [len(rows), -1]).astype(np.float64)
+  return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+def _numpy_knn(keys: np.ndarray, key_labels: np.ndarray, queries: np.ndarray, query_labels: np.ndarray, *, k: int,
+               temperature: float, num_classes: int) -> dict[str, float]:
+  """Weighted kNN (paper Sec. 3.4) by brute force with explicit loops: each of the k most cosine-similar keys
+  votes exp(s / temperature) for its label; ties between classes go to the lower class id."""
+  similarities = queries @ keys.T  # [Q, N]
+  top1 = top5 = 0
+  for query, label in enumerate(query_labels):
+    votes = np.zeros(num_classes)
+    for key in np.argsort(-similarities[query], kind="stable")[:k]:
+      votes[key_labels[key]] += np.exp(similarities[query, key] / temperature)
+    ranked = np.argsort(-votes, kind="stable")
+    top1 += int(ranked[0] == label)
+    top5 += int(label in ranked[:5])
+  return {"top1": top1 / len(query_labels), "top5": top5 / len(query_labels)}
+
+
+def _model_features(model, images: np.ndarray) -> np.ndarray:
+  return np.concatenate([model(images[i:i + 256], training=False).numpy() for i in range(0, len(images), 256)])
 
 
 @unittest.skipUnless(testing.has_fashion_mnist(), "needs Debian's dataset-fashion-mnist")
@@ -58,20 +92,83 @@ class EvaluationTest(tf.test.TestCase):
                                   results_table=os.path.join(self.root, name, "results.md"), **fields)
 
   def test_knn_reproduces_the_trainers_final_evaluation_and_plots(self):
-    options = self._options("knn", knn_k=(20, 200), knn_temperature=0.07, tsne_points=300)
+    options = self._options("knn", knn_k=(20, 200), knn_temperature=0.07, knn_features=("embedding",),
+                            tsne_points=300)
     out = evaluation.evaluate(self.model_dir, options)["knn"]
     self.assertAllClose(out["scores"]["k=20"]["top1"], self.final["knn_top1"], atol=1e-6)
     self.assertAllClose(out["scores"]["k=20"]["top5"], self.final["knn_top5"], atol=1e-6)
     self.assertEqual((out["keys"], out["queries"]), (1024, 512))
+    self.assertEqual((out["features"], out["skipped"]), ({"embedding": out["scores"]}, {}))  # --knn_features.
     with open(os.path.join(self.root, "knn", "knn.json")) as f:
       self.assertEqual(json.load(f)["scores"], out["scores"])
     rows = results.read_table(os.path.join(self.root, "knn", "results.md"))
-    self.assertEqual([r["setting"] for r in rows], ["k=20, t=0.07", "k=200, t=0.07"])
+    self.assertEqual([r["setting"] for r in rows],
+                     ["embedding (128-d), k=20, t=0.07", "embedding (128-d), k=200, t=0.07"])
     self.assertEqual(rows[0]["top-1"], f"{100 * self.final['knn_top1']:.2f}")
     self.assertEqual((rows[0]["dataset"], rows[0]["arch"], rows[0]["epochs"]), ("fashion_mnist", "convnet_small", "10"))
     for name in ("tsne.png", "curves.png"):
       height, width = _readable_png(os.path.join(self.root, "knn", name))[:2]
       self.assertGreater(min(height, width), 100)
+
+  def test_knn_rows_of_embedding_backbone_and_pixels_match_numpy(self):
+    # The run's own 1,024 train images as keys, its 512 eval images as queries, read here straight from the files.
+    ks, temperature = (10, 20, 50, 200), 0.07
+    train_images, train_labels = _fashion_mnist("train", 1024)
+    test_images, test_labels = _fashion_mnist("t10k", 512)
+    pixels = (_unit(train_images), _unit(test_images))  # The same for both networks.
+    dims = {"embedding": 128, "backbone": 256, "pixels": 784}  # convnet_small pools 256 channels.
+    outs = {}
+    for untrained in (False, True):
+      name = f"rows_untrained_{untrained}"
+      options = self._options(name, knn_k=ks, knn_temperature=temperature, plots=False, untrained=untrained)
+      out = outs[untrained] = evaluation.evaluate(self.model_dir, options)["knn"]
+      model = features.load_run(self.model_dir, untrained=untrained).model
+      backbone = model_lib.backbone_of(model)
+      inputs = {"embedding": (_unit(_model_features(model, train_images)), _unit(_model_features(model, test_images))),
+                "backbone": (_unit(_model_features(backbone, train_images)),
+                             _unit(_model_features(backbone, test_images))),
+                "pixels": pixels}
+      expected = {kind: {f"k={k}": _numpy_knn(keys, train_labels, queries, test_labels, k=k, temperature=temperature,
+                                              num_classes=10) for k in ks}
+                  for kind, (keys, queries) in inputs.items()}
+      with self.subTest(untrained=untrained):
+        self.assertEqual(list(out["features"]), ["embedding", "backbone", "pixels"])
+        for kind, by_k in expected.items():
+          for setting, score in by_k.items():
+            self.assertAllClose(out["features"][kind][setting]["top1"], score["top1"], atol=1e-6, msg=(kind, setting))
+            self.assertAllClose(out["features"][kind][setting]["top5"], score["top5"], atol=1e-6, msg=(kind, setting))
+        self.assertEqual(out["feature_dims"], dims)
+        self.assertEqual((out["scores"], out["skipped"], out["untrained"]),
+                         (out["features"]["embedding"], {}, untrained))
+        with open(os.path.join(self.root, name, "knn.json")) as f:
+          self.assertEqual(json.load(f)["features"], out["features"])
+        rows = results.read_table(os.path.join(self.root, name, "results.md"))
+        self.assertEqual([(r["setting"], r["top-1"], r["top-5"]) for r in rows],
+                         [(f"{kind} ({dims[kind]}-d), k={k}, t=0.07", f"{100 * expected[kind][f'k={k}']['top1']:.2f}",
+                           f"{100 * expected[kind][f'k={k}']['top5']:.2f}") for k in ks for kind in dims])
+        self.assertEqual({r["paper top-1"] for r in rows}, {""})  # No paper number for convnet_small.
+    self.assertAllClose(outs[False]["scores"]["k=20"]["top1"], self.final["knn_top1"], atol=1e-6)
+    self.assertEqual(outs[True]["features"]["pixels"], outs[False]["features"]["pixels"])  # No network in pixels.
+
+  def test_pixel_rows_are_skipped_above_the_budget(self):
+    budget = evaluation.MAX_PIXEL_VALUES
+    self.assertTrue(evaluation.pixels_fit(60_000 + 10_000, 32 * 32 * 3))  # CIFAR-10.
+    self.assertTrue(evaluation.pixels_fit(60_000 + 10_000, 28 * 28))  # Fashion-MNIST.
+    self.assertFalse(evaluation.pixels_fit(1_281_167 + 50_000, 224 * 224 * 3))  # ImageNet.
+    self.assertTrue(evaluation.pixels_fit(budget // 1000, 1000))
+    self.assertFalse(evaluation.pixels_fit(budget // 1000 + 1, 1000))
+    # 1,024 + 512 images of 784 pixels is one value above a budget of 1,204,223.
+    options = self._options("skip", knn_k=(20,), knn_features=("embedding", "pixels"), plots=False)
+    with mock.patch.object(evaluation, "MAX_PIXEL_VALUES", 1536 * 784 - 1), self.assertLogs("absl", "WARNING") as logs:
+      out = evaluation.evaluate(self.model_dir, options)["knn"]
+    note = "1,536 images x 784 pixel values = 1,204,224 > 1,204,223 (evaluation.MAX_PIXEL_VALUES)"
+    self.assertEqual(out["skipped"], {"pixels": note})
+    self.assertIn(f"kNN on pixels skipped: {note}", logs.output[0])
+    self.assertEqual(list(out["features"]), ["embedding"])  # And no backbone row: not in --knn_features.
+    self.assertAllClose(out["scores"]["k=20"]["top1"], self.final["knn_top1"], atol=1e-6)
+    rows = results.read_table(os.path.join(self.root, "skip", "results.md"))
+    self.assertEqual([r["setting"] for r in rows], ["embedding (128-d), k=20, t=0.07"])
+    self.assertIn(f"pixels: skipped, {note}", evaluation.summary(out))
 
   def test_linear_probe_on_the_trained_encoder_beats_the_untrained_one(self):
     # The protocol end to end, for both networks (untrained: the same seed and architecture, never trained).
@@ -149,17 +246,20 @@ class EvaluationTest(tf.test.TestCase):
   def test_features_pool_every_stage_under_the_budget(self):
     run = features.load_run(self.model_dir)
     self.assertEqual(features.layer_names(run.model), ["conv1", "conv2", "conv3", "conv4", "embedding"])
-    extractor = features.build_extractor(run.model, ["conv1", "embedding"], max_dims=1000)
-    out = extractor(tf.zeros([2, 28, 28, 1]))
+    extractor = features.build_extractor(run.model, ["conv1", "embedding", "backbone"], max_dims=1000)
+    images = tf.random.stateless_uniform([2, 28, 28, 1], seed=(0, 1), maxval=255.0)
+    out = extractor(images)
     self.assertEqual(out["conv1"].shape, [2, 32 * 5 * 5])  # 28x28x32 pooled by stride 6 -> 5x5x32 = 800.
-    self.assertAllClose(out["embedding"], run.model(tf.zeros([2, 28, 28, 1])), atol=1e-6)
+    self.assertAllClose(out["embedding"], run.model(images), atol=1e-6)
+    self.assertAllClose(out["backbone"], model_lib.backbone_of(run.model)(images), atol=1e-6)
     self.assertEqual(features.pool_stride(7, 7, 128, 10_000), 1)
     self.assertEqual(features.pool_stride(56, 56, 256, 10_000), 10)  # ResNet-50's conv2 at 224: 6x6x256.
 
   def test_bad_requests_name_the_flag(self):
     cases = [(dict(protocols=("svm",)), "--protocol"), (dict(protocols=("linear",), layers=("conv9",)), "--layers"),
              (dict(protocols=("transfer",)), "--transfer_dataset"), (dict(knn_k=(0,)), "--knn_k"),
-             (dict(label_fractions=(0.0,)), "--label_fractions")]
+             (dict(label_fractions=(0.0,)), "--label_fractions"), (dict(knn_features=("pixels",)), "--knn_features"),
+             (dict(knn_features=("embedding", "raw")), "--knn_features")]
     for fields, flag in cases:
       with self.subTest(flag=flag), self.assertRaisesRegex(ValueError, flag):
         evaluation.evaluate(self.model_dir, self._options("bad", **fields))
@@ -195,6 +295,13 @@ class EvaluationTest(tf.test.TestCase):
     self.assertIn("semi_supervised: 5% pretrained", result.stdout)
     loaded = {p: json.load(open(os.path.join(out, f"{p}.json"))) for p in ("knn", "linear", "semi_supervised")}
     self.assertEqual(set(loaded["knn"]["scores"]), {"k=5", "k=7"})
+    knn = loaded["knn"]
+    self.assertEqual(set(knn["features"]), {"embedding", "backbone", "pixels"})
+    printed = [" ".join(line.split()) for line in result.stdout.splitlines()]
+    for k in ("k=5", "k=7"):  # The printed table: a line per k and row, the JSON's numbers.
+      for kind, dims in knn["feature_dims"].items():
+        scores = knn["features"][kind][k]
+        self.assertIn(f"{k} {kind} ({dims}-d) {100 * scores['top1']:.2f} / {100 * scores['top5']:.2f}", printed)
     self.assertEqual((loaded["knn"]["temperature"], loaded["knn"]["keys"], loaded["knn"]["queries"]), (0.1, 400, 200))
     self.assertTrue(loaded["knn"]["untrained"])
     linear = loaded["linear"]["scores"]

@@ -28,6 +28,13 @@ from tf_instdisc import tsne as tsne_lib
 
 PROTOCOLS = ("knn", "linear", "semi_supervised", "transfer")
 AS_TRAINED = -1  # max_train_examples / max_eval_examples: the run's own setting.
+# The knn protocol's rows: the embedding (the protocol's result), the pooled backbone features the projection head
+# reads, and the raw pixels of the eval view (cosine on the input: what the network added over its input).
+KNN_FEATURES = (features_lib.EMBEDDING, features_lib.BACKBONE, features_lib.PIXELS)
+# The pixels row keeps every train and eval image's eval view in memory as float32, and the kNN a unit-norm copy:
+# it is skipped when (train + eval images) x pixel values exceeds this (2 GB of float32). CIFAR-10 (60,000 x 3,072
+# = 1.8e8) and all of Fashion-MNIST (70,000 x 784) fit; ImageNet (1.33M x 150,528 = 2e11), or 1% of it, does not.
+MAX_PIXEL_VALUES = 500_000_000
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -37,6 +44,7 @@ class EvalOptions:
   protocols: tuple[str, ...] = ("knn",)
   knn_k: tuple[int, ...] = (200,)
   knn_temperature: float = 0.07
+  knn_features: tuple[str, ...] = KNN_FEATURES  # kNN rows, from KNN_FEATURES; "embedding" is always one.
   layers: tuple[str, ...] = ()  # Linear probe layers; () = every stage and the embedding.
   max_layer_dims: int = features_lib.DEFAULT_MAX_DIMS
   probe: linear_probe.ProbeConfig = linear_probe.ProbeConfig()
@@ -66,6 +74,8 @@ def validate(options: EvalOptions) -> EvalOptions:
         f"got {','.join(options.protocols)}, expected some of {', '.join(PROTOCOLS)}")
   check(bool(options.knn_k) and all(k > 0 for k in options.knn_k), "knn_k", "must be positive integers")
   check(options.knn_temperature > 0, "knn_temperature", "must be > 0")
+  check(features_lib.EMBEDDING in options.knn_features and set(options.knn_features) <= set(KNN_FEATURES),
+        "knn_features", f"got {','.join(options.knn_features)}, expected embedding and any of backbone, pixels")
   check(options.max_layer_dims > 0, "max_layer_dims", "must be > 0")
   check(all(0 < f <= 100 for f in options.label_fractions) and bool(options.label_fractions), "label_fractions",
         "must be percentages in (0, 100]")
@@ -100,13 +110,15 @@ def _labelled(source: data_lib.DataSource, flag: str) -> None:
 
 
 def _features(run: features_lib.TrainedRun, source: data_lib.DataSource, layers: list[str], options: EvalOptions,
-              cfg: config_lib.Config, *, transfer: bool = False) -> tuple[dict, np.ndarray, dict, np.ndarray]:
-  """Features of the train (keys, probe training) and eval splits. A transfer target is viewed at its own size
-  when fixed and square, then resized to the model's input (features.adapt_images)."""
+              cfg: config_lib.Config, *, transfer: bool = False, pixels: bool = False
+              ) -> tuple[dict, np.ndarray, dict, np.ndarray]:
+  """Features of the train (keys, probe training) and eval splits, with their eval views' pixels when `pixels`. A
+  transfer target is viewed at its own size when fixed and square, then resized to the model's input
+  (features.adapt_images)."""
   extractor = features_lib.build_extractor(run.model, layers, max_dims=options.max_layer_dims)
   height, width, _ = source.image_shape
   view = height if transfer and height is not None and height == width else run.input_shape[0]
-  common = dict(image_size=view, batch_size=options.batch_size)
+  common = dict(image_size=view, batch_size=options.batch_size, pixels=pixels)
   train, train_labels = features_lib.extract(extractor, source.train, cfg.augment, **common)
   test, test_labels = features_lib.extract(extractor, source.eval, cfg.augment, **common)
   return train, train_labels, test, test_labels
@@ -122,6 +134,49 @@ def knn_scores(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray, te
                               num_classes=num_classes)
     out[f"k={k}"] = {"top1": scores["knn_top1"], "top5": scores["knn_top5"]}
   return out
+
+
+def pixels_fit(num_images: int, pixel_dims: int) -> bool:
+  """Whether the pixels kNN row is computed: num_images (train + eval) x pixel_dims <= MAX_PIXEL_VALUES."""
+  return num_images * pixel_dims <= MAX_PIXEL_VALUES
+
+
+def _knn_kinds(options: EvalOptions, source: data_lib.DataSource, input_shape: tuple[int, int, int]
+               ) -> tuple[list[str], dict[str, str]]:
+  """The kNN rows to compute (options.knn_features, in KNN_FEATURES order) and {row: why it was skipped}."""
+  kinds = [kind for kind in KNN_FEATURES if kind in options.knn_features]
+  skipped = {}
+  num_images, pixel_dims = source.train.num_examples + source.eval.num_examples, int(np.prod(input_shape))
+  if features_lib.PIXELS in kinds and not pixels_fit(num_images, pixel_dims):
+    skipped[features_lib.PIXELS] = (f"{num_images:,} images x {pixel_dims:,} pixel values = "
+                                    f"{num_images * pixel_dims:,} > {MAX_PIXEL_VALUES:,} (evaluation.MAX_PIXEL_VALUES)")
+    logging.warning("kNN on pixels skipped: %s", skipped[features_lib.PIXELS])
+    kinds.remove(features_lib.PIXELS)
+  return kinds, skipped
+
+
+def _unit_rows(values: np.ndarray) -> np.ndarray:
+  """A float32 copy of values [M, F] with unit-L2-norm rows (an all-zero row stays zero)."""
+  norms = np.linalg.norm(values, axis=1, keepdims=True)
+  return (values / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def _knn_protocol(extracted: tuple[dict, np.ndarray, dict, np.ndarray], kinds: list[str], *,
+                  options: EvalOptions, num_classes: int) -> tuple[dict[str, dict], dict[str, int]]:
+  """kNN scores {kind: {"k=K": {"top1", "top5"}}} and dims {kind: F} of every row kind, against the same keys.
+
+  The embedding is unit norm already; the backbone and pixel features are L2-normalised here (cosine similarity).
+  """
+  train, train_labels, test, test_labels = extracted
+  by_kind, dims = {}, {}
+  for kind in kinds:
+    keys, queries = train[kind], test[kind]
+    if kind != features_lib.EMBEDDING:
+      keys, queries = _unit_rows(keys), _unit_rows(queries)
+    by_kind[kind] = knn_scores(keys, train_labels, queries, test_labels, ks=options.knn_k,
+                               temperature=options.knn_temperature, num_classes=num_classes)
+    dims[kind] = int(keys.shape[1])
+  return by_kind, dims
 
 
 def _linear_scores(train: dict, train_labels, test: dict, test_labels, *, layers: list[str], options: EvalOptions,
@@ -185,8 +240,12 @@ def evaluate(model_dir: str, options: EvalOptions) -> dict[str, Any]:
   if {"knn", "linear", "semi_supervised"} & set(options.protocols):
     source = data_lib.load_source(_data_config(cfg, options))
     _labelled(source, "model_dir")
-  # knn and linear share one pass over the data: the embedding and, for linear, the layers.
-  feature_layers = list(dict.fromkeys([*(layers if "linear" in options.protocols else []), features_lib.EMBEDDING]))
+  knn_kinds, skipped = _knn_kinds(options, source, run.input_shape) if "knn" in options.protocols else ([], {})
+  knn_layers = [kind for kind in knn_kinds if kind != features_lib.PIXELS]  # Pixels: no layer, `extract` flattens.
+  # knn and linear share one pass over the data: the embedding, for linear its layers, for knn the backbone and
+  # the pixels.
+  feature_layers = list(dict.fromkeys([*(layers if "linear" in options.protocols else []), features_lib.EMBEDDING,
+                                       *knn_layers]))
   extracted = None
   for protocol in options.protocols:
     start = time.time()
@@ -194,16 +253,19 @@ def evaluate(model_dir: str, options: EvalOptions) -> dict[str, Any]:
     base = {"model_dir": os.path.abspath(model_dir), "checkpoint": run.checkpoint, "step": run.step,
             "untrained": options.untrained, "protocol": protocol, **describe}
     if protocol in ("knn", "linear") and extracted is None:
-      extracted = _features(run, source, feature_layers, options, cfg)
+      extracted = _features(run, source, feature_layers, options, cfg, pixels=features_lib.PIXELS in knn_kinds)
     if protocol == "knn":
-      train, train_labels, test, test_labels = extracted
-      scores = knn_scores(train[features_lib.EMBEDDING], train_labels, test[features_lib.EMBEDDING], test_labels,
-                          ks=options.knn_k, temperature=options.knn_temperature, num_classes=source.num_classes)
+      by_kind, dims = _knn_protocol(extracted, knn_kinds, options=options, num_classes=source.num_classes)
+      # "scores" stays the embedding's (ablate.py and older readers); "features" has every row kind.
       result = {**base, "temperature": options.knn_temperature, "keys": source.train.num_examples,
-                "queries": source.eval.num_examples, "scores": scores}
-      for setting, score in scores.items():
-        rows.append((f"{setting}, t={options.knn_temperature:g}", score, _paper(options, cfg, "knn", "embedding")))
+                "queries": source.eval.num_examples, "scores": by_kind[features_lib.EMBEDDING], "features": by_kind,
+                "feature_dims": dims, "skipped": skipped}
+      for k in options.knn_k:
+        for kind, scores in by_kind.items():
+          rows.append((f"{kind} ({dims[kind]}-d), k={k}, t={options.knn_temperature:g}", scores[f"k={k}"],
+                       _paper(options, cfg, "knn", kind)))
       if options.plots and options.tsne_points:
+        _, _, test, test_labels = extracted
         _tsne_plot(test[features_lib.EMBEDDING], test_labels, source, options, output_dir, run_name)
     elif protocol == "linear":
       train, train_labels, test, test_labels = extracted
@@ -304,8 +366,23 @@ def _curves_plot(model_dir: str, output_dir: str, run_name: str) -> None:
                           title=f"Training loss and bank kNN top-1 ({run_name})")
 
 
+def knn_table(result: dict[str, Any]) -> str:
+  """The knn protocol's rows as a short text table: one line per k and row kind, top-1 / top-5 in percent."""
+  lines = [f"weighted kNN, t={result['temperature']:g}, {result['keys']} keys, {result['queries']} queries "
+           "(top-1 / top-5 %)"]
+  for setting in result["scores"]:
+    for kind, scores in result["features"].items():
+      name = f"{kind} ({result['feature_dims'][kind]}-d)"
+      lines.append(f"  {setting:<7} {name:<20} {100 * scores[setting]['top1']:6.2f} / "
+                   f"{100 * scores[setting]['top5']:6.2f}")
+  lines.extend(f"  {kind}: skipped, {why}" for kind, why in result.get("skipped", {}).items())
+  return "\n".join(lines)
+
+
 def summary(result: dict[str, Any]) -> str:
-  """One line of a protocol's results: "setting top-1/top-5" pairs in percent."""
+  """A protocol's results: "setting top-1/top-5" pairs in percent on one line; the knn rows as a short table."""
+  if "features" in result:
+    return knn_table(result)
   def pairs(scores: dict[str, Any], prefix: str = "") -> list[str]:
     out = []
     for name, score in scores.items():

@@ -1,4 +1,5 @@
-"""Frozen features of a trained run: the 128-d embedding and the backbone's intermediate stages (paper Tables 2, 3).
+"""Frozen features of a trained run: the 128-d embedding, the pooled backbone features before the projection head,
+and the backbone's intermediate stages (paper Tables 2, 3); optionally the eval view's raw pixels.
 
 Stages are named as the paper names AlexNet's and ResNet's layers: conv1 is the stem, conv2..conv5 the four
 residual stages (ResNets), conv2..conv4 the three pooled stages of convnet_small. Each stage's feature map is
@@ -24,6 +25,8 @@ from tf_instdisc import knn
 from tf_instdisc import model as model_lib
 
 EMBEDDING = "embedding"
+BACKBONE = "backbone"  # The backbone's pooled output, the projection head's input (not L2-normalised here).
+PIXELS = "pixels"  # The eval view's pixels, flattened (`extract(..., pixels=True)`; not a layer).
 DEFAULT_MAX_DIMS = 10_000
 
 
@@ -96,25 +99,27 @@ def pool_stride(height: int, width: int, channels: int, max_dims: int) -> int:
 
 
 def build_extractor(model: keras.Model, layers: list[str], *, max_dims: int = DEFAULT_MAX_DIMS) -> keras.Model:
-  """A model images [B, H, W, C] -> {layer: float32 [B, F]} for the named layers (see `layer_names`).
+  """A model images [B, H, W, C] -> {layer: float32 [B, F]} for the named layers (`layer_names`, or "backbone").
 
-  Stages are average-pooled (stride from `pool_stride`) and flattened; "embedding" is the model's output. The
-  layers are the trained model's own (shared weights), run in inference mode.
+  Stages are average-pooled (stride from `pool_stride`) and flattened; "backbone" is the backbone's pooled output
+  (the projection head's input); "embedding" is the model's output. The layers are the trained model's own (shared
+  weights), run in inference mode.
 
   Raises:
     ValueError: naming --layers when a layer is unknown.
   """
   backbone = model_lib.backbone_of(model)
   stages = stage_layers(backbone)
-  unknown = [name for name in layers if name not in stages and name != EMBEDDING]
+  unknown = [name for name in layers if name not in stages and name not in (EMBEDDING, BACKBONE)]
   if unknown:
-    raise ValueError(f"--layers: unknown {', '.join(unknown)}; this model has {', '.join(layer_names(model))}")
-  taps = [backbone.get_layer(stages[name]).output for name in layers if name != EMBEDDING]
+    raise ValueError(f"--layers: unknown {', '.join(unknown)}; this model has {', '.join(layer_names(model))} "
+                     f"and {BACKBONE} (the pooled backbone output)")
+  stage_names = [name for name in layers if name in stages]
+  taps = [backbone.get_layer(stages[name]).output for name in stage_names]
   tapped = keras.Model(backbone.inputs, [*taps, backbone.outputs[0]], name="stage_taps")
   inputs = keras.Input(model.input_shape[1:], name="images")
   *maps, pooled = tapped(inputs)
-  features = {}
-  stage_names = [name for name in layers if name != EMBEDDING]
+  features = {BACKBONE: pooled}
   for name, feature_map in zip(stage_names, maps):
     height, width, channels = feature_map.shape[1:]
     stride = pool_stride(height, width, channels, max_dims)
@@ -140,11 +145,13 @@ def adapt_images(images: tf.Tensor, input_shape: tuple[int, int, int]) -> tf.Ten
 
 
 def extract(extractor: keras.Model, split: data_lib.Split, augment_cfg: config_lib.AugmentConfig, *,
-            image_size: int, batch_size: int, log_every_seconds: float = 30.0
+            image_size: int, batch_size: int, pixels: bool = False, log_every_seconds: float = 30.0
             ) -> tuple[dict[str, np.ndarray], np.ndarray]:
   """Features {layer: float32 [M, F]} and labels int64 [M] of a split's clean views, in order, with progress.
 
-  image_size is the eval view's side (the split's images); they are adapted to the extractor's input.
+  image_size is the eval view's side (the split's images); they are adapted to the extractor's input. With
+  `pixels`, the same pass also returns "pixels": the eval views as they come, flattened, float32 [M, S * S * C]
+  in [0, 255] (M x S*S*C values in memory: the caller decides whether that fits).
   """
   input_shape = tuple(extractor.input_shape[1:])
   dataset = data_lib.make_eval_dataset(split, augment_cfg, image_size=image_size, batch_size=batch_size)
@@ -155,8 +162,11 @@ def extract(extractor: keras.Model, split: data_lib.Split, augment_cfg: config_l
   labels = []
   tracker = knn.Progress(split.num_examples, log_every_seconds, what="images (features)")
   for batch in dataset:
-    for name, value in run(batch[data_lib.IMAGE_KEY]).items():
+    images = batch[data_lib.IMAGE_KEY]
+    for name, value in run(images).items():
       outputs.setdefault(name, []).append(value.numpy())
+    if pixels:
+      outputs.setdefault(PIXELS, []).append(np.reshape(images.numpy(), [len(images), -1]))
     labels.append(batch[data_lib.LABEL_KEY].numpy())
     tracker.update(len(labels[-1]))
   logging.info("extracted %s features of %d images", ", ".join(outputs), split.num_examples)
