@@ -27,12 +27,18 @@ _HELP = {
     "shuffle_buffer": "Shuffle buffer (0 = the whole dataset: an exact permutation every epoch).",
     "eval_split": "Split for kNN evaluation: auto (validation, else test), a split name, or '' for none.",
     "max_eval_examples": "Use only the first N eval images (0 = all).",
+    "validation_examples": "Hold out N train images (a fixed seeded draw) as the eval split, out of training and of "
+                           "the kNN keys: choose recipes, k and t on them, never on the test set (0 = off).",
     "crop_scale_min": "Random resized crop: smallest fraction of the image area.",
     "crop_scale_max": "Random resized crop: largest fraction of the image area.",
     "color_jitter": "Strength of brightness/contrast/saturation/hue jitter (0 = off).",
     "grayscale_prob": "Probability of converting an RGB crop to grayscale.",
     "horizontal_flip": "Random left-right flips.",
     "eval_crop_fraction": "Centre-crop fraction of evaluation views (0.875 for ImageNet).",
+    "blur_prob": "Probability of a Gaussian blur of a training crop (sigma 0.1-2 px; not in NPID).",
+    "erasing_prob": "Probability of erasing a random rectangle of 2-25% of a training crop (not in NPID).",
+    "views": "1: one augmented view per image (the paper); 2: two views per image, each the other's positive "
+             "besides its bank row, symmetric loss (Ye et al. 2019).",
     "arch": f"Backbone: {', '.join(config_lib.ARCHS)}.",
     "embedding_dim": "Size D of the L2-normalised embedding.",
     "head_batchnorm": "Batch-normalise the projection before the L2 norm (not in the paper; faster start).",
@@ -53,6 +59,10 @@ _HELP = {
     "negative_sampling": "shared: one draw of K negatives per global batch (fast); per_example: K per example.",
     "exclude_positive": "Drop noise samples that equal the example's own instance.",
     "normalizer_momentum": "0: NCE normaliser Z fixed from the first global batch (paper); else moving-average rate.",
+    "group_clusters": "With --views=2: a CLD-style group term (Wang et al. 2021) over this many k-means groups of "
+                      "the global batch (0 = off, the paper).",
+    "group_weight": "Weight of the group term.",
+    "group_temperature": "Temperature of the group term's softmax over the centroids.",
     "learning_rate": "Base learning rate of SGD.",
     "lr_schedule": "step (x lr_decay_factor at --lr_decay_epochs) or cosine.",
     "lr_decay_epochs": "Epochs at which the step schedule decays.",
@@ -78,6 +88,8 @@ _HELP = {
     "eval_every_epochs": "kNN against the memory bank every N epochs (0 = never).",
     "final_eval": "After training, kNN against clean recomputed train features.",
     "eval_batch_size": "Batch size of evaluation passes.",
+    "monitor_examples": "The per-epoch kNN monitor scores the first N eval images (0 = all); the final "
+                        "evaluation always uses the whole eval split.",
 }
 
 

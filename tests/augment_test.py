@@ -22,11 +22,14 @@ OPS = {
     "color_jitter": lambda image, seed: augment.color_jitter(augment.to_unit_float(image), seed, strength=0.4),
     "random_grayscale": lambda image, seed: augment.random_grayscale(augment.to_unit_float(image), seed, prob=0.5),
     "random_flip": lambda image, seed: augment.random_flip(augment.to_unit_float(image), seed),
+    "gaussian_blur": lambda image, seed: augment.gaussian_blur(augment.to_unit_float(image), seed, prob=1.0),
+    "random_erasing": lambda image, seed: augment.random_erasing(augment.to_unit_float(image), seed, prob=1.0),
     "augment_for_train": lambda image, seed: augment.augment_for_train(image, seed, _CFG, size=SIZE),
     "preprocess_for_eval": lambda image, seed: augment.preprocess_for_eval(image, size=SIZE, crop_fraction=0.875),
 }
 # Ops that must give different outputs for different seeds (on RGB images; grayscale is identity on one channel).
-RANDOM_OPS = ("random_resized_crop", "color_jitter", "random_grayscale", "random_flip", "augment_for_train")
+RANDOM_OPS = ("random_resized_crop", "color_jitter", "random_grayscale", "random_flip", "gaussian_blur",
+              "random_erasing", "augment_for_train")
 IMAGE_SHAPES = {"square_rgb": (24, 24, 3), "square_gray": (24, 24, 1), "wide_rgb": (20, 32, 3),
                 "tall_gray": (40, 18, 1)}
 
@@ -235,3 +238,60 @@ class ExampleSeedTest(tf.test.TestCase):
 
 if __name__ == "__main__":
   tf.test.main()
+
+
+class BlurAndErasingTest(tf.test.TestCase, parameterized.TestCase):
+
+  @parameterized.parameters(1, 3)
+  def test_blur_keeps_a_constant_image_and_the_range(self, channels):
+    flat = tf.fill([12, 12, channels], 0.6)
+    self.assertAllClose(augment.gaussian_blur(flat, tf.constant([1, 2], tf.int64), prob=1.0), flat, atol=1e-6)
+    noisy = augment.to_unit_float(_image((12, 12, channels)))
+    blurred = augment.gaussian_blur(noisy, tf.constant([1, 2], tf.int64), prob=1.0).numpy()
+    self.assertBetween(float(blurred.min()), 0.0, 1.0)
+    self.assertLess(float(np.std(blurred)), float(np.std(noisy.numpy())))  # Smoother than the noise it blurs.
+
+  def test_blur_matches_numpy_separable_gaussian(self):
+    image = augment.to_unit_float(_image((9, 9, 1), seed=3))
+    seed = tf.constant([4, 5], tf.int64)
+    blurred = augment.gaussian_blur(image, seed, prob=1.0).numpy()[..., 0]
+    # The same sigma draw as the op: the second of two split seeds.
+    sigma = float(tf.random.stateless_uniform([], tf.random.experimental.stateless_split(seed, num=2)[1], 0.1, 2.0))
+    weights = np.exp(-0.5 * (np.arange(5) - 2.0) ** 2 / sigma**2)
+    weights /= weights.sum()
+    padded = np.pad(image.numpy()[..., 0], 2, mode="symmetric")
+    expected = np.zeros((9, 9))
+    for row in range(9):
+      for col in range(9):
+        expected[row, col] = sum(weights[i] * weights[j] * padded[row + i, col + j]
+                                 for i in range(5) for j in range(5))
+    self.assertAllClose(blurred, expected, atol=1e-5)
+
+  def test_erasing_zeroes_one_rectangle_of_the_area_range(self):
+    image = tf.ones([28, 28, 1])
+    areas = []
+    for seed in range(30):
+      erased = augment.random_erasing(image, tf.constant([seed, 1], tf.int64), prob=1.0).numpy()[..., 0]
+      rows, cols = np.nonzero(erased == 0.0)
+      box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+      self.assertEqual(box, len(rows))  # The zeros fill one rectangle.
+      areas.append(len(rows) / 784)
+    self.assertBetween(min(areas), 0.005, 0.25)
+    self.assertLessEqual(max(areas), 0.3)  # 25% of the area, rounded to whole pixels.
+
+  @parameterized.parameters("gaussian_blur", "random_erasing")
+  def test_probability_zero_is_identity(self, op):
+    image = augment.to_unit_float(_image((12, 12, 3)))
+    self.assertAllEqual(getattr(augment, op)(image, tf.constant([1, 2], tf.int64), prob=0.0), image)
+
+  def test_one_view_augmentation_unchanged_by_the_new_ops_when_off(self):
+    # View 0's seed and the crop/jitter/flip draws do not depend on the blur and erasing settings.
+    image, seed = tf.constant(_image((28, 28, 1))), augment.example_seed(0, tf.constant(7), tf.constant(2))
+    self.assertAllEqual(seed, augment.example_seed(0, tf.constant(7), tf.constant(2), view=0))
+    self.assertNotAllEqual(seed, augment.example_seed(0, tf.constant(7), tf.constant(2), view=1))
+    plain = augment.augment_for_train(image, seed, _CFG, size=SIZE)
+    erased = augment.augment_for_train(image, seed, config_lib.AugmentConfig(erasing_prob=1.0), size=SIZE)
+    changed = plain.numpy() != erased.numpy()
+    self.assertTrue(np.any(changed))
+    self.assertAllEqual(erased.numpy()[~changed], plain.numpy()[~changed])
+    self.assertTrue(np.all(erased.numpy()[changed] == 0.0))

@@ -86,11 +86,27 @@ class ValidateTest(tf.test.TestCase, parameterized.TestCase):
       ("zero_knn_k", {"knn_k": 0}, "knn_k"),
       ("zero_knn_temperature", {"knn_temperature": 0.0}, "knn_temperature"),
       ("zero_eval_batch_size", {"eval_batch_size": 0}, "eval_batch_size"),
+      ("negative_validation_examples", {"validation_examples": -1}, "validation_examples"),
+      ("blur_prob_above_one", {"blur_prob": 1.5}, "blur_prob"),
+      ("negative_erasing_prob", {"erasing_prob": -0.1}, "erasing_prob"),
+      ("three_views", {"views": 3}, "views"),
+      ("negative_group_clusters", {"group_clusters": -1}, "group_clusters"),
+      ("group_term_with_one_view", {"group_clusters": 4}, "group_clusters"),
+      ("group_term_parametric", {"group_clusters": 4, "views": 2, "objective": "parametric"}, "group_clusters"),
+      ("negative_group_weight", {"group_weight": -1.0}, "group_weight"),
+      ("zero_group_temperature", {"group_temperature": 0.0}, "group_temperature"),
+      ("negative_monitor_examples", {"monitor_examples": -5}, "monitor_examples"),
   )
   def test_bad_value_names_its_flag(self, overrides, flag):
     cfg = testing.replace(testing.tiny_config(), **overrides)
     with self.assertRaisesRegex(ValueError, f"^--{flag}: "):
       config_lib.validate(cfg)
+
+  def test_more_groups_than_the_batch_is_refused(self):
+    cfg = testing.replace(testing.tiny_config(), views=2, group_clusters=17)
+    with self.assertRaisesRegex(ValueError, r"^--group_clusters: 17 groups need a global batch of at least as many "
+                                r"images \(--batch_size=16\)"):
+      config_lib.validate_against_data(cfg, num_instances=64)
 
   def test_crop_scale_message_shows_both_values(self):
     cfg = testing.replace(testing.tiny_config(), crop_scale_min=0.9, crop_scale_max=0.5)

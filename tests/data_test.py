@@ -2,6 +2,7 @@
 
 from tests import testing  # noqa: I001  (splits the CPU before TensorFlow starts)
 
+import dataclasses
 import gzip
 import io
 import os
@@ -655,3 +656,68 @@ class ResolveImageSizeTest(tf.test.TestCase, parameterized.TestCase):
 
 if __name__ == "__main__":
   tf.test.main()
+
+
+class ValidationSliceTest(tf.test.TestCase):
+  """--validation_examples: a fixed held-out part of the train split, out of training and of the kNN keys."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cfg = config_lib.DataConfig(dataset="fashion_mnist", max_train_examples=600, validation_examples=100)
+    cls.source = data.load_source(cfg)
+    cls.whole = data.load_source(config_lib.DataConfig(dataset="fashion_mnist", max_train_examples=600))
+
+  def _images(self, split):
+    return np.stack([ex[data.IMAGE_KEY] for ex in split.make().as_numpy_iterator()])
+
+  def test_sizes_and_the_test_split_is_not_used(self):
+    self.assertEqual(self.source.train.num_examples, 500)
+    self.assertEqual(self.source.eval.num_examples, 100)
+    self.assertLen(self._images(self.source.train), 500)
+
+  def test_disjoint_from_training_images_and_kNN_keys(self):
+    held_out = data.validation_indices(600, 100)
+    everything = self._images(self.whole.train)
+    train_images, validation_images = self._images(self.source.train), self._images(self.source.eval)
+    self.assertAllEqual(validation_images, everything[held_out])
+    self.assertAllEqual(train_images, np.delete(everything, held_out, axis=0))
+    self.assertAllEqual(data.load_labels(self.source.eval), data.load_labels(self.whole.train)[held_out])
+    # The training dataset (instance ids 0..499) and the kNN keys are the same 500 images: none held out.
+    train_ds = data.make_train_dataset(self.source, config_lib.DataConfig(), config_lib.AugmentConfig(),
+                                       batch_size=100, seed=0, epoch=0)
+    ids = np.concatenate([b[data.ID_KEY].numpy() for b in train_ds])
+    self.assertAllEqual(np.sort(ids), np.arange(500))
+    train_set = {image.tobytes() for image in train_images}
+    self.assertFalse(any(image.tobytes() in train_set for image in validation_images))
+
+  def test_same_draw_for_every_run_and_sorted(self):
+    first, second = data.validation_indices(600, 100), data.validation_indices(600, 100)
+    self.assertAllEqual(first, second)
+    self.assertAllEqual(first, np.sort(first))
+    self.assertLen(set(first.tolist()), 100)
+    self.assertGreater(first[-1], 500)  # A seeded draw over the split, not its tail or its head.
+    self.assertLess(first[0], 100)
+
+  def test_too_many_or_unlabelled_is_refused_naming_the_flag(self):
+    with self.assertRaisesRegex(ValueError, r"--validation_examples: 599 leaves fewer than 2 of the 600"):
+      data.hold_out_validation(self.whole, 599)
+    unlabelled = dataclasses.replace(self.whole, num_classes=0)
+    with self.assertRaisesRegex(ValueError, r"--validation_examples: the train split has no labels"):
+      data.hold_out_validation(unlabelled, 10)
+
+
+class TwoViewsTest(tf.test.TestCase):
+
+  def test_second_view_is_another_augmentation_of_the_same_image(self):
+    source = testing.tiny_source(32, shape=(12, 12, 1))
+    one = data.make_train_dataset(source, config_lib.DataConfig(), config_lib.AugmentConfig(), batch_size=8, seed=0,
+                                  epoch=0)
+    two = data.make_train_dataset(source, config_lib.DataConfig(), config_lib.AugmentConfig(views=2),
+                                  batch_size=8, seed=0, epoch=0)
+    for single, pair in zip(one, two):
+      self.assertNotIn(data.SECOND_VIEW_KEY, single)
+      self.assertAllEqual(single[data.ID_KEY], pair[data.ID_KEY])
+      self.assertAllEqual(single[data.IMAGE_KEY], pair[data.IMAGE_KEY])  # View 1 is the one-view run's view.
+      self.assertEqual(pair[data.SECOND_VIEW_KEY].shape, pair[data.IMAGE_KEY].shape)
+      self.assertNotAllClose(pair[data.SECOND_VIEW_KEY], pair[data.IMAGE_KEY])

@@ -146,6 +146,20 @@ class ResolvePolicyTest(tf.test.TestCase, parameterized.TestCase):
         mock.patch.object(model_lib, "_cpu_has_bfloat16", return_value=cpu_bf16):
       self.assertEqual(model_lib.resolve_policy("auto"), expected)
 
+  @parameterized.named_parameters(
+      ("zen4_avx512_bf16", "flags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni", True),
+      ("sapphire_rapids_amx", "flags\t\t: fpu avx512f amx_bf16 amx_tile amx_int8", True),
+      ("avx512_without_bf16", "flags\t\t: fpu avx2 avx512f avx512bw avx512_vnni", False),
+      ("avx2_only", "flags\t\t: fpu sse4_2 avx avx2 fma", False),
+  )
+  def test_cpu_bf16_units_from_cpuinfo_flags(self, cpuinfo, expected):
+    with mock.patch("builtins.open", mock.mock_open(read_data=f"processor\t: 0\n{cpuinfo}\n")):
+      self.assertEqual(model_lib._cpu_has_bfloat16(), expected)
+
+  def test_cpu_without_cpuinfo_has_no_bf16_units(self):
+    with mock.patch("builtins.open", side_effect=OSError("no /proc")):
+      self.assertFalse(model_lib._cpu_has_bfloat16())
+
   def test_every_flag_value_resolves(self):
     for value in config_lib.MIXED_PRECISION:
       self.assertIn(model_lib.resolve_policy(value), ("float32", "mixed_bfloat16", "mixed_float16"))

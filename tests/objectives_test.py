@@ -281,3 +281,138 @@ class NormalizerTest(tf.test.TestCase, parameterized.TestCase):
 
 if __name__ == "__main__":
   tf.test.main()
+
+
+def numpy_two_view_softmax_loss(logits, view_similarities, instance_ids, *, temperature):
+  """Ye et al. 2019 with a bank: one softmax over [N bank rows, the other view]; mean of the two positives' -log."""
+  batch, num_instances = logits.shape
+  losses = np.zeros(batch, np.float64)
+  for b in range(batch):
+    candidates = [float(logits[b, j]) for j in range(num_instances)] + [float(view_similarities[b])]
+    denominator = sum(math.exp(c / temperature) for c in candidates)
+    bank_term = -math.log(math.exp(candidates[instance_ids[b]] / temperature) / denominator)
+    view_term = -math.log(math.exp(candidates[-1] / temperature) / denominator)
+    losses[b] = 0.5 * (bank_term + view_term)
+  return losses
+
+
+def numpy_two_view_nce_loss(pos_similarities, view_similarities, neg_similarities, *, temperature, num_instances,
+                            normalizer):
+  """NCE with two positives (bank row, other view), h = P / (P + K / N): mean of their -log h, plus the noise."""
+  batch, num_negatives = neg_similarities.shape
+  noise = num_negatives / num_instances
+
+  def h(similarity):
+    prob = math.exp(float(similarity) / temperature) / normalizer
+    return prob / (prob + noise)
+
+  losses = np.zeros(batch, np.float64)
+  for b in range(batch):
+    losses[b] = -0.5 * (math.log(h(pos_similarities[b])) + math.log(h(view_similarities[b])))
+    losses[b] -= sum(math.log(1.0 - h(s)) for s in neg_similarities[b])
+  return losses
+
+
+def numpy_spherical_kmeans(features, start, iterations):
+  """Lloyd's iterations on the unit sphere from the given start rows; an emptied group keeps its centroid."""
+  centroids = features[start].astype(np.float64)
+  for _ in range(iterations):
+    assignments = np.argmax(features @ centroids.T, axis=1)
+    for c in range(len(centroids)):
+      members = features[assignments == c]
+      if len(members):
+        total = members.sum(axis=0)
+        centroids[c] = total / np.linalg.norm(total)
+  return centroids, np.argmax(features @ centroids.T, axis=1)
+
+
+def numpy_group_loss(features, centroids, assignments, *, temperature):
+  losses = np.zeros(len(features), np.float64)
+  for b in range(len(features)):
+    scores = [float(features[b] @ c) / temperature for c in centroids]
+    losses[b] = -scores[assignments[b]] + math.log(sum(math.exp(s) for s in scores))
+  return losses
+
+
+def _unit_rows(shape, seed):
+  rows = np.random.default_rng(seed).normal(size=shape)
+  return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+
+
+class TwoViewTest(tf.test.TestCase, parameterized.TestCase):
+
+  @parameterized.product(temperature=(0.07, 0.5), batch=(1, 5))
+  def test_softmax_matches_numpy(self, temperature, batch):
+    logits = _unit_similarities([batch, 40], seed=11)
+    view = _unit_similarities([batch], seed=12)
+    ids = np.random.default_rng(13).integers(0, 40, batch)
+    loss = objectives.softmax_instance_loss(tf.constant(logits), tf.constant(ids), temperature=temperature,
+                                            view_similarity=tf.constant(view))
+    expected = numpy_two_view_softmax_loss(logits, view, ids, temperature=temperature)
+    self.assertEqual(loss.shape, (batch,))
+    self.assertAllClose(loss, expected, rtol=1e-5, atol=1e-5)
+
+  @parameterized.product(temperature=(0.07, 0.5), normalizer=(30.0, 2500.0))
+  def test_nce_matches_numpy(self, temperature, normalizer):
+    pos, view = _unit_similarities([4], seed=14), _unit_similarities([4], seed=15)
+    neg = _unit_similarities([4, NUM_NEGATIVES], seed=16)
+    args = {"temperature": temperature, "num_instances": NUM_INSTANCES, "num_negatives": NUM_NEGATIVES,
+            "normalizer": tf.constant(normalizer)}
+    loss = objectives.nce_loss(objectives.nce_logits(tf.constant(pos), **args),
+                               objectives.nce_logits(tf.constant(neg), **args),
+                               view_logits=objectives.nce_logits(tf.constant(view), **args))
+    expected = numpy_two_view_nce_loss(pos, view, neg, temperature=temperature, num_instances=NUM_INSTANCES,
+                                       normalizer=normalizer)
+    self.assertAllClose(loss, expected, rtol=1e-5, atol=1e-5)
+
+  def test_view_similarity_carries_gradient(self):
+    view = tf.Variable(_unit_similarities([3], seed=17))
+    with tf.GradientTape() as tape:
+      loss = tf.reduce_sum(objectives.softmax_instance_loss(
+          tf.constant(_unit_similarities([3, 10], seed=18)), tf.constant([0, 4, 9]), temperature=0.1,
+          view_similarity=view))
+    self.assertTrue(np.all(tape.gradient(loss, view).numpy() < 0))  # A higher view similarity lowers the loss.
+
+
+class GroupTest(tf.test.TestCase, parameterized.TestCase):
+
+  @parameterized.product(num_clusters=(1, 4, 12), iterations=(0, 1, 5))
+  def test_kmeans_matches_numpy(self, num_clusters, iterations):
+    features = _unit_rows([24, 8], seed=num_clusters)
+    seed = tf.constant([3, 9], tf.int64)
+    centroids, assignments = objectives.spherical_kmeans(tf.constant(features), num_clusters=num_clusters,
+                                                         iterations=iterations, seed=seed)
+    start = tf.random.experimental.stateless_shuffle(tf.range(24), seed=seed)[:num_clusters].numpy()
+    self.assertLen(set(start.tolist()), num_clusters)  # Distinct start rows.
+    expected_centroids, expected_assignments = numpy_spherical_kmeans(features, start, iterations)
+    self.assertAllClose(centroids, expected_centroids, atol=1e-5)
+    self.assertAllEqual(assignments, expected_assignments)
+
+  def test_kmeans_iterations_never_lower_the_cohesion(self):
+    # Lloyd's rounds on the sphere only raise sum_i cos(f_i, centroid of its group).
+    features = _unit_rows([40, 6], seed=5)
+    cohesion = []
+    for iterations in range(5):
+      centroids, assignments = objectives.spherical_kmeans(tf.constant(features), num_clusters=4,
+                                                           iterations=iterations, seed=tf.constant([1, 1], tf.int64))
+      cohesion.append(float(np.sum(features * centroids.numpy()[assignments.numpy()])))
+    self.assertEqual(cohesion, sorted(cohesion))
+    self.assertGreater(cohesion[-1], cohesion[0])
+
+  @parameterized.product(temperature=(0.1, 0.5), batch=(1, 6))
+  def test_group_loss_matches_numpy(self, temperature, batch):
+    features, centroids = _unit_rows([batch, 8], seed=21), _unit_rows([5, 8], seed=22)
+    assignments = np.random.default_rng(23).integers(0, 5, batch)
+    loss = objectives.group_loss(tf.constant(features), tf.constant(centroids), tf.constant(assignments),
+                                 temperature=temperature)
+    self.assertAllClose(loss, numpy_group_loss(features, centroids, assignments, temperature=temperature),
+                        rtol=1e-5, atol=1e-5)
+
+  def test_group_loss_has_no_gradient_into_centroids(self):
+    centroids = tf.Variable(_unit_rows([4, 8], seed=24))
+    features = tf.Variable(_unit_rows([3, 8], seed=25))
+    with tf.GradientTape() as tape:
+      loss = tf.reduce_sum(objectives.group_loss(features, centroids, tf.constant([0, 1, 3]), temperature=0.2))
+    grad_features, grad_centroids = tape.gradient(loss, [features, centroids])
+    self.assertIsNone(grad_centroids)
+    self.assertTrue(np.all(np.isfinite(grad_features.numpy())))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 from tests import testing
 
@@ -41,6 +42,16 @@ def _compiled_step(cfg):
   return state, step, _first_batch(cfg, source, plan)
 
 
+def numpy_two_view(features, other, bank, ids, temperature=0.1):
+  """Mean over the batch of one view's two-view softmax loss (tests/objectives_test.py has the per-term twin)."""
+  losses = []
+  for b in range(len(ids)):
+    logits = np.concatenate([bank @ features[b], [features[b] @ other[b]]]) / temperature
+    log_probs = logits - np.log(np.sum(np.exp(logits - logits.max()))) - logits.max()
+    losses.append(-0.5 * (log_probs[ids[b]] + log_probs[-1]))
+  return float(np.mean(losses))
+
+
 def _read_metrics(model_dir):
   with open(os.path.join(model_dir, train_lib.METRICS_FILE)) as f:
     return [json.loads(line) for line in f]
@@ -70,6 +81,38 @@ class TrainStepTest(tf.test.TestCase, parameterized.TestCase):
     self.assertAllEqual(new_bank[untouched], old_bank[untouched])
     self.assertAllClose(loss, softmax_loss(old_bank), atol=1e-5)
     self.assertGreater(abs(loss - softmax_loss(new_bank)), 1e-3)
+
+  def test_two_views_pair_each_id_with_both_features_and_its_bank_row(self):
+    cfg = testing.tiny_config(objective="softmax", temperature=0.1, bank_momentum=0.5, views=2)
+    source = testing.tiny_source()
+    state, plan = _build(cfg, source)
+    batch = _first_batch(cfg, source, plan)
+    ids = batch[data_lib.ID_KEY].numpy()
+    self.assertNotAllClose(batch[data_lib.IMAGE_KEY], batch[data_lib.SECOND_VIEW_KEY])  # Two augmentations.
+    old_bank = state.bank.bank.numpy()
+    both = state.model(tf.concat([batch[data_lib.IMAGE_KEY], batch[data_lib.SECOND_VIEW_KEY]], 0), training=True)
+    first, second = np.split(both.numpy(), 2)
+    step = tf.function(train_lib.make_train_step(state, cfg, global_batch_size=plan.global_batch_size))
+    loss = float(step(batch)["loss"])
+    # Each view: softmax over [bank, other view] with the bank row and the other view as positives (NumPy twin).
+    expected_loss = np.mean([
+        0.5 * (numpy_two_view(first, second, old_bank, ids) + numpy_two_view(second, first, old_bank, ids))])
+    self.assertAllClose(loss, expected_loss, atol=1e-4)
+    # The bank row of id i moves towards the mean of its two views' features.
+    expected_rows = 0.5 * old_bank[ids] + 0.5 * (first + second) / 2
+    expected_rows /= np.linalg.norm(expected_rows, axis=1, keepdims=True)
+    self.assertAllClose(state.bank.bank.numpy()[ids], expected_rows, atol=1e-5)
+
+  def test_group_term_adds_to_the_two_view_loss(self):
+    base = testing.tiny_config(objective="softmax", temperature=0.1, views=2)
+    losses = {}
+    for weight in (0.0, 1.0):
+      cfg = testing.replace(base, group_clusters=4, group_weight=weight)
+      _, step, batch = _compiled_step(cfg)
+      losses[weight] = float(step(batch)["loss"])
+    _, step, batch = _compiled_step(base)
+    self.assertAllClose(losses[0.0], float(step(batch)["loss"]), atol=1e-6)  # Weight 0 is the plain two views.
+    self.assertGreater(losses[1.0], losses[0.0])  # A cross-entropy over 4 groups adds a positive term.
 
   def test_nce_normalizer_fixed_from_first_batch(self):
     state, step, batch = _compiled_step(
@@ -107,6 +150,12 @@ class TrainStepTest(tf.test.TestCase, parameterized.TestCase):
       ("bank_float16_softmax", dict(bank_dtype="float16", objective="softmax")),
       ("float16", dict(mixed_precision="float16")),
       ("cosine_warmup", dict(lr_schedule="cosine", warmup_epochs=1)),
+      ("two_views_softmax", dict(objective="softmax", views=2)),
+      ("two_views_nce", dict(objective="nce", views=2)),
+      ("two_views_parametric", dict(objective="parametric", views=2)),
+      ("two_views_group", dict(objective="softmax", views=2, group_clusters=4)),
+      ("two_views_group_nce_proximal", dict(objective="nce", views=2, group_clusters=3, proximal_lambda=0.1)),
+      ("blur_erasing", dict(blur_prob=0.5, erasing_prob=0.5)),
   )
   def test_every_mode_trains_with_finite_loss(self, overrides):
     cfg = testing.tiny_config(**overrides)
@@ -175,6 +224,8 @@ class ReplicaEquivalenceTest(tf.test.TestCase, parameterized.TestCase):
       ("nce_per_example", dict(objective="nce", negative_sampling="per_example", num_negatives=8)),
       ("softmax_head_bn", dict(objective="softmax", head_batchnorm=True)),
       ("proximal", dict(objective="softmax", proximal_lambda=0.1)),
+      ("two_views_nce", dict(objective="nce", num_negatives=8, views=2)),
+      ("two_views_group", dict(objective="softmax", views=2, group_clusters=4)),
   )
   def test_two_replicas_match_one_device(self, overrides):
     # Float rounding differs (convolutions over 8 vs 16 images, sums of halves): ~1e-7 per step. tau 0.2 and lr
@@ -245,6 +296,53 @@ class RunTest(tf.test.TestCase):
     self.assertBetween(results["knn_top1"], 0.0, 1.0)
     self.assertGreaterEqual(results["knn_top5"], results["knn_top1"])
     self.assertNotEmpty(tf.io.gfile.glob(os.path.join(model_dir, "train", "events.out.tfevents.*")))
+
+  def test_time_accounts_add_up_to_the_wall_time(self):
+    model_dir = self.create_tempdir().full_path
+    cfg = testing.tiny_config(model_dir, objective="softmax", epochs=3)
+    start = time.time()
+    results = train_lib.run(cfg, distribute.make_strategy("one_device"), source=testing.tiny_source())
+    measured = time.time() - start
+    timing = results["time"]
+    parts = [timing[f"{part}_seconds"] for part in (*train_lib.TIME_PARTS, "other")]
+    self.assertAllClose(sum(parts), timing["wall_seconds"], atol=0.01)
+    self.assertTrue(all(value >= 0 for value in parts), timing)
+    self.assertBetween(timing["wall_seconds"], 0.95 * measured, measured)
+    for part in train_lib.TIME_PARTS:
+      self.assertGreater(timing[f"{part}_seconds"], 0.0, part)
+    with open(os.path.join(model_dir, train_lib.FINAL_METRICS_FILE)) as f:
+      self.assertEqual(json.load(f)["time"], timing)
+    walls = [r["time"]["wall_seconds"] for r in _read_metrics(model_dir)]
+    self.assertEqual(walls, sorted(walls))
+    self.assertLess(walls[-1], timing["wall_seconds"])
+
+  def test_time_accounts_carry_over_a_resume(self):
+    model_dir = self.create_tempdir().full_path
+    strategy, source = distribute.make_strategy("one_device"), testing.tiny_source()
+    train_lib.run(testing.tiny_config(model_dir, epochs=1, final_eval=False), strategy, source=source)
+    first = _read_metrics(model_dir)[-1]["time"]
+    start = time.time()
+    train_lib.run(testing.tiny_config(model_dir, epochs=2, final_eval=False), strategy, source=source)
+    second = _read_metrics(model_dir)[-1]["time"]
+    self.assertGreater(second["train_seconds"], first["train_seconds"])
+    self.assertBetween(second["wall_seconds"] - first["wall_seconds"], 0.0, time.time() - start)
+
+  def test_monitor_scores_a_fixed_subset_and_the_final_evaluation_all(self):
+    model_dir = self.create_tempdir().full_path
+    cfg = testing.tiny_config(model_dir, epochs=1, monitor_examples=8)
+    current = train_lib._Run(cfg, distribute.make_strategy("one_device"), testing.tiny_source())
+    count = lambda evaluator: sum(len(b[data_lib.LABEL_KEY]) for b in evaluator.eval_dataset)  # noqa: E731
+    self.assertEqual(count(current.monitor), 8)
+    self.assertEqual(count(current.evaluator), 32)
+
+  def test_validation_slice_is_the_eval_split_and_leaves_the_keys(self):
+    model_dir = self.create_tempdir().full_path
+    cfg = testing.tiny_config(model_dir, epochs=1, validation_examples=16)
+    source = data_lib.hold_out_validation(testing.tiny_source(), 16)
+    current = train_lib._Run(cfg, distribute.make_strategy("one_device"), source)
+    self.assertEqual(current.plan.num_instances, 48)
+    self.assertLen(current.evaluator.train_labels, 48)
+    self.assertEqual(sum(len(b[data_lib.LABEL_KEY]) for b in current.evaluator.eval_dataset), 16)
 
   def test_tfds_cifar10_and_imagenet_paths_train_end_to_end(self):
     import tensorflow_datasets as tfds

@@ -80,14 +80,82 @@ def random_flip(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
   return tf.image.stateless_random_flip_left_right(image, seed)
 
 
-def example_seed(seed: int, instance_id: tf.Tensor, epoch: tf.Tensor) -> tf.Tensor:
-  """The [2] int64 seed of one example's augmentation in one epoch: a function of (seed, instance_id, epoch)."""
+def gaussian_blur(image: tf.Tensor, seed: tf.Tensor, *, prob: float, window: int = 5,
+                  sigma_range: tuple[float, float] = (0.1, 2.0)) -> tf.Tensor:
+  """With probability `prob`, blurs with a Gaussian of sigma drawn from sigma_range (in pixels), window x window.
+
+  Args:
+    image: [H, W, C] float32 in [0, 1].
+    seed: [2] int.
+    prob: in [0, 1].
+    window: odd side of the kernel; 5 suits 28-32 px images (a 2 px sigma is cut at 1 sigma).
+    sigma_range: (min, max) standard deviation in pixels.
+
+  Returns:
+    [H, W, C] float32 in [0, 1].
+  """
+  if prob == 0.0:
+    return image
+  apply_seed, sigma_seed = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))
+  sigma = tf.random.stateless_uniform([], sigma_seed, *sigma_range)
+  offsets = tf.range(window, dtype=tf.float32) - (window - 1) / 2
+  kernel_1d = tf.exp(-0.5 * tf.square(offsets / sigma))
+  kernel_1d /= tf.reduce_sum(kernel_1d)
+  channels = image.shape[-1]
+  # Separable: a depthwise column pass, then a row pass; "SYMMETRIC" padding keeps the borders' brightness.
+  pad = (window - 1) // 2
+  padded = tf.pad(image[None], [[0, 0], [pad, pad], [pad, pad], [0, 0]], mode="SYMMETRIC")
+  columns = tf.tile(tf.reshape(kernel_1d, [window, 1, 1, 1]), [1, 1, channels, 1])
+  rows = tf.tile(tf.reshape(kernel_1d, [1, window, 1, 1]), [1, 1, channels, 1])
+  blurred = tf.nn.depthwise_conv2d(padded, columns, strides=[1, 1, 1, 1], padding="VALID")
+  blurred = tf.nn.depthwise_conv2d(blurred, rows, strides=[1, 1, 1, 1], padding="VALID")[0]
+  return tf.where(tf.random.stateless_uniform([], apply_seed) < prob, blurred, image)
+
+
+def random_erasing(image: tf.Tensor, seed: tf.Tensor, *, prob: float, area_range: tuple[float, float] = (0.02, 0.25),
+                   aspect_range: tuple[float, float] = (0.3, 3.3)) -> tf.Tensor:
+  """With probability `prob`, sets a random rectangle to 0 (Zhong et al. 2020; torchvision RandomErasing's ranges).
+
+  Args:
+    image: [H, W, C] float32 in [0, 1].
+    seed: [2] int.
+    prob: in [0, 1].
+    area_range: fraction of the image area erased.
+    aspect_range: height / width of the rectangle, drawn log-uniformly.
+
+  Returns:
+    [H, W, C] float32 in [0, 1].
+  """
+  if prob == 0.0:
+    return image
+  draws = tf.random.stateless_uniform([5], seed)  # apply, area, aspect, top, left
+  height, width = tf.cast(tf.shape(image)[0], tf.float32), tf.cast(tf.shape(image)[1], tf.float32)
+  area = (area_range[0] + draws[1] * (area_range[1] - area_range[0])) * height * width
+  log_low, log_high = tf.math.log(aspect_range[0]), tf.math.log(aspect_range[1])
+  aspect = tf.exp(log_low + draws[2] * (log_high - log_low))
+  box_height = tf.minimum(tf.round(tf.sqrt(area * aspect)), height)
+  box_width = tf.minimum(tf.round(tf.sqrt(area / aspect)), width)
+  top = tf.floor(draws[3] * (height - box_height + 1))
+  left = tf.floor(draws[4] * (width - box_width + 1))
+  rows = tf.range(height)[:, None]
+  cols = tf.range(width)[None, :]
+  inside = (rows >= top) & (rows < top + box_height) & (cols >= left) & (cols < left + box_width)  # [H, W]
+  erase = inside[..., None] & (draws[0] < prob)
+  return tf.where(erase, tf.zeros_like(image), image)
+
+
+def example_seed(seed: int, instance_id: tf.Tensor, epoch: tf.Tensor, view: int = 0) -> tf.Tensor:
+  """The [2] int64 seed of one example's augmentation in one epoch: a function of (seed, instance_id, epoch, view).
+
+  View 0 has the seed it had before views existed, so one-view runs keep their exact augmentations.
+  """
   base = tf.stack([tf.constant(seed, tf.int64), tf.cast(epoch, tf.int64)])
-  return tf.random.experimental.stateless_fold_in(base, tf.cast(instance_id, tf.int64))
+  seed_of_example = tf.random.experimental.stateless_fold_in(base, tf.cast(instance_id, tf.int64))
+  return seed_of_example if view == 0 else tf.random.experimental.stateless_fold_in(seed_of_example, view)
 
 
 def augment_for_train(image: tf.Tensor, seed: tf.Tensor, cfg: config_lib.AugmentConfig, *, size: int) -> tf.Tensor:
-  """The full training augmentation: resized crop, colour jitter, grayscale, flip.
+  """The full training augmentation: resized crop, colour jitter, grayscale, flip, then blur and erasing (when on).
 
   Args:
     image: [H, W, C] uint8 (or float in [0, 255]).
@@ -105,6 +173,10 @@ def augment_for_train(image: tf.Tensor, seed: tf.Tensor, cfg: config_lib.Augment
   image = random_grayscale(image, gray_seed, prob=cfg.grayscale_prob)
   if cfg.horizontal_flip:
     image = random_flip(image, flip_seed)
+  # Seeds of their own, derived from the flip's: adding these ops leaves the crop, jitter and flip draws unchanged.
+  blur_seed, erasing_seed = tf.unstack(tf.random.experimental.stateless_split(flip_seed, num=2))
+  image = gaussian_blur(image, blur_seed, prob=cfg.blur_prob)
+  image = random_erasing(image, erasing_seed, prob=cfg.erasing_prob)
   return image * 255.0
 
 

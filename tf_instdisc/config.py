@@ -32,6 +32,9 @@ class DataConfig:
   shuffle_buffer: int = 0  # 0 = the whole dataset (exact per-epoch permutation).
   eval_split: str = "auto"  # "auto" picks validation, else test; "" disables kNN evaluation.
   max_eval_examples: int = 0  # 0 = the whole eval split.
+  # Hold out this many train images (a fixed seeded draw, the same for every run) as the eval split: they leave
+  # the training set and the kNN keys, so recipes, k and t are chosen on them and never on the test set.
+  validation_examples: int = 0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -44,6 +47,11 @@ class AugmentConfig:
   grayscale_prob: float = 0.2
   horizontal_flip: bool = True
   eval_crop_fraction: float = 1.0  # Centre crop for evaluation views; 0.875 is the usual ImageNet choice.
+  blur_prob: float = 0.0  # Probability of a Gaussian blur (sigma 0.1-2 px, 3x3 window) of a crop. Not in NPID.
+  erasing_prob: float = 0.0  # Probability of erasing a random rectangle (2-25% of the area). Not in NPID.
+  # 1: one augmented view per image per step (the paper). 2: two views, each the other's positive besides its bank
+  # row, with a symmetric loss (Ye et al., CVPR 2019); each step then costs two forward-backward passes per image.
+  views: int = 1
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -80,6 +88,12 @@ class LossConfig:
   negative_sampling: str = "shared"  # "shared": one draw of K per global batch; "per_example": K per example.
   exclude_positive: bool = False  # Drop negatives that equal the example's own instance.
   normalizer_momentum: float = 0.0  # 0: Z fixed from the first global batch; else its moving-average rate.
+  # A group-level term in the spirit of CLD (Wang et al., CVPR 2021), with --views=2: spherical k-means of one
+  # view's features over the global batch into group_clusters groups; the other view's features are classified
+  # against those centroids at group_temperature; weight group_weight. 0 clusters: off (the paper).
+  group_clusters: int = 0
+  group_weight: float = 0.25
+  group_temperature: float = 0.2
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -112,6 +126,9 @@ class EvalConfig:
   knn_k: int = 200
   knn_temperature: float = 0.07
   eval_every_epochs: int = 1  # kNN against the bank; 0 disables the monitor.
+  # The monitor scores this many eval images (the first ones, a fixed subset; 0 = all). The final evaluation is
+  # always exact over the whole eval split.
+  monitor_examples: int = 0
   final_eval: bool = True  # kNN against recomputed clean train features after the last epoch.
   eval_batch_size: int = 256
 
@@ -154,11 +171,15 @@ def validate(cfg: Config) -> Config:
   _check(d.image_size >= 0, "image_size", "must be >= 0 (0 = native size)")
   _check(d.image_channels in (1, 3), "image_channels", "must be 1 or 3")
   _check(d.shuffle_buffer >= 0, "shuffle_buffer", "must be >= 0")
+  _check(d.validation_examples >= 0, "validation_examples", "must be >= 0 (0 = no validation slice)")
   _check(0.0 < a.crop_scale_min <= a.crop_scale_max <= 1.0, "crop_scale_min",
          f"need 0 < crop_scale_min ({a.crop_scale_min}) <= crop_scale_max ({a.crop_scale_max}) <= 1")
   _check(0.0 <= a.color_jitter <= 1.0, "color_jitter", "must be in [0, 1]")
   _check(0.0 <= a.grayscale_prob <= 1.0, "grayscale_prob", "must be in [0, 1]")
   _check(0.0 < a.eval_crop_fraction <= 1.0, "eval_crop_fraction", "must be in (0, 1]")
+  _check(0.0 <= a.blur_prob <= 1.0, "blur_prob", "must be in [0, 1]")
+  _check(0.0 <= a.erasing_prob <= 1.0, "erasing_prob", "must be in [0, 1]")
+  _check(a.views in (1, 2), "views", f"must be 1 or 2, got {a.views}")
   _check_choice(m.arch, "arch", ARCHS)
   _check(m.embedding_dim > 0, "embedding_dim", "must be > 0")
   _check_choice(m.mixed_precision, "mixed_precision", MIXED_PRECISION)
@@ -171,6 +192,12 @@ def validate(cfg: Config) -> Config:
   _check(loss.num_negatives > 0, "num_negatives", "must be > 0")
   _check_choice(loss.negative_sampling, "negative_sampling", NEGATIVE_SAMPLING)
   _check(0.0 <= loss.normalizer_momentum < 1.0, "normalizer_momentum", "must be in [0, 1)")
+  _check(loss.group_clusters >= 0, "group_clusters", "must be >= 0 (0 = no group term)")
+  _check(loss.group_clusters == 0 or a.views == 2, "group_clusters", "the group term needs --views=2")
+  _check(loss.group_clusters == 0 or loss.objective != "parametric", "group_clusters",
+         "the group term is for the non-parametric objectives (nce, softmax)")
+  _check(loss.group_weight >= 0.0, "group_weight", "must be >= 0")
+  _check(loss.group_temperature > 0.0, "group_temperature", "must be > 0")
   _check(o.learning_rate > 0.0, "learning_rate", "must be > 0")
   _check_choice(o.lr_schedule, "lr_schedule", LR_SCHEDULES)
   _check(list(o.lr_decay_epochs) == sorted(o.lr_decay_epochs) and all(x > 0 for x in o.lr_decay_epochs),
@@ -194,6 +221,7 @@ def validate(cfg: Config) -> Config:
   _check(e.knn_temperature > 0.0, "knn_temperature", "must be > 0")
   _check(e.eval_every_epochs >= 0, "eval_every_epochs", "must be >= 0")
   _check(e.eval_batch_size > 0, "eval_batch_size", "must be > 0")
+  _check(e.monitor_examples >= 0, "monitor_examples", "must be >= 0 (0 = the whole eval split)")
   return cfg
 
 
@@ -207,6 +235,9 @@ def validate_against_data(cfg: Config, *, num_instances: int) -> None:
   if cfg.loss.objective == "nce":
     _check(cfg.loss.num_negatives < num_instances, "num_negatives",
            f"{cfg.loss.num_negatives} must be smaller than the number of instances ({num_instances})")
+  _check(cfg.loss.group_clusters <= cfg.train.batch_size, "group_clusters",
+         f"{cfg.loss.group_clusters} groups need a global batch of at least as many images (--batch_size="
+         f"{cfg.train.batch_size})")
   _check(cfg.train.batch_size <= num_instances, "batch_size",
          f"{cfg.train.batch_size} is larger than the number of instances ({num_instances})")
 

@@ -19,6 +19,8 @@ from tf_instdisc import augment
 from tf_instdisc import config as config_lib
 
 IMAGE_KEY, LABEL_KEY, ID_KEY = "image", "label", "instance_id"
+SECOND_VIEW_KEY = "image_view2"  # With --views=2: a second augmentation of the same image, same instance_id.
+VALIDATION_SEED = 20180618  # The validation draw is the same for every --seed: recipes are compared on one set.
 UNLABELED = -1
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -82,8 +84,35 @@ def load_source(cfg: config_lib.DataConfig) -> DataSource:
     source = _load_tfds(cfg.dataset, cfg.data_dir, eval_split=cfg.eval_split)
   if cfg.eval_split == "":
     source = dataclasses.replace(source, eval=None)
-  return dataclasses.replace(source, train=take_first(source.train, cfg.max_train_examples),
-                             eval=source.eval and take_first(source.eval, cfg.max_eval_examples))
+  source = dataclasses.replace(source, train=take_first(source.train, cfg.max_train_examples))
+  if cfg.validation_examples:
+    source = hold_out_validation(source, cfg.validation_examples)
+  return dataclasses.replace(source, eval=source.eval and take_first(source.eval, cfg.max_eval_examples))
+
+
+def validation_indices(num_examples: int, count: int) -> np.ndarray:
+  """Sorted positions [count] of the train split held out for validation: one fixed seeded draw."""
+  return np.sort(np.random.default_rng(VALIDATION_SEED).permutation(num_examples)[:count])
+
+
+def hold_out_validation(source: DataSource, count: int) -> DataSource:
+  """Moves `count` train images (validation_indices) into the eval split; training and kNN keys are the rest.
+
+  Instance ids are positions in the remaining train split, so a validation image has no bank row.
+
+  Raises:
+    ValueError: naming --validation_examples when it leaves fewer than 2 training images, or the split has no
+    labels to score.
+  """
+  num_examples = source.train.num_examples
+  if count > num_examples - 2:
+    raise ValueError(f"--validation_examples: {count} leaves fewer than 2 of the {num_examples} training images")
+  if source.num_classes == 0:
+    raise ValueError("--validation_examples: the train split has no labels to score a validation slice with")
+  held_out = validation_indices(num_examples, count)
+  kept = np.setdiff1d(np.arange(num_examples), held_out)
+  return dataclasses.replace(source, train=take_indices(source.train, kept),
+                             eval=take_indices(source.train, held_out))
 
 
 def take_first(split: Split, count: int) -> Split:
@@ -381,7 +410,8 @@ def make_train_dataset(source: DataSource, cfg: config_lib.DataConfig, augment_c
 
   Returns:
     A dataset of {"image": float32 [batch, S, S, C] in [0, 255], "label": int64 [batch],
-    "instance_id": int64 [batch]}; the last partial batch is dropped.
+    "instance_id": int64 [batch]}, plus "image_view2" (another augmentation of each image) when
+    augment_cfg.views is 2; the last partial batch is dropped.
   """
   size = resolve_image_size(source, cfg.image_size)
   buffer = cfg.shuffle_buffer or source.train.num_examples
@@ -391,12 +421,26 @@ def make_train_dataset(source: DataSource, cfg: config_lib.DataConfig, augment_c
   ds = ds.skip(skip_batches * batch_size)
 
   def train_view(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-    example_seed = augment.example_seed(seed, example[ID_KEY], epoch)
     image = source.train.decode(example[IMAGE_KEY])
-    return {**example, IMAGE_KEY: augment.augment_for_train(image, example_seed, augment_cfg, size=size)}
+    views = {key: augment.augment_for_train(image, augment.example_seed(seed, example[ID_KEY], epoch, view=view),
+                                            augment_cfg, size=size)
+             for view, key in enumerate((IMAGE_KEY, SECOND_VIEW_KEY)[:augment_cfg.views])}
+    return {**example, **views}
 
   ds = ds.map(train_view, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+  return without_autotune(ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
+
+
+def without_autotune(dataset: tf.data.Dataset) -> tf.data.Dataset:
+  """The dataset with tf.data's autotuning off: AUTOTUNE parallelism is then min(16, CPU cores), fixed.
+
+  Destroying an iterator waits for its autotune thread, which sleeps between optimisation rounds for up to a
+  minute: on our 2-core machines that cost 2-50 s at the end of every epoch (py-spy: the main thread in
+  ~RootDataset::Iterator, waiting on Model::OptimizeLoop), a third of a Fashion-MNIST epoch.
+  """
+  options = tf.data.Options()
+  options.autotune.enabled = False
+  return dataset.with_options(options)
 
 
 def make_eval_dataset(split: Split, augment_cfg: config_lib.AugmentConfig, *, image_size: int,
@@ -412,7 +456,7 @@ def make_eval_dataset(split: Split, augment_cfg: config_lib.AugmentConfig, *, im
     return {**example, IMAGE_KEY: image}
 
   ds = with_instance_ids(split).map(eval_view, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+  return without_autotune(ds.batch(batch_size).prefetch(tf.data.AUTOTUNE))
 
 
 def load_labels(split: Split) -> np.ndarray:

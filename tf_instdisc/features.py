@@ -53,7 +53,8 @@ def load_run(model_dir: str, *, untrained: bool = False) -> TrainedRun:
     ValueError: naming --model_dir, its config or checkpoint.
   """
   cfg = checkpointing.read_config(model_dir)
-  source = data_lib.load_source(dataclasses.replace(cfg.data, max_train_examples=1, max_eval_examples=1))
+  source = data_lib.load_source(dataclasses.replace(cfg.data, max_train_examples=1, max_eval_examples=1,
+                                                    validation_examples=0))
   size = data_lib.resolve_image_size(source, cfg.data.image_size)
   input_shape = (size, size, source.image_shape[2])
   model = model_lib.build_embedding_model(cfg.model.arch, input_shape, embedding_dim=cfg.model.embedding_dim,

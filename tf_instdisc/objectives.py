@@ -1,7 +1,9 @@
 """Instance-discrimination losses (Wu et al. 2018, Sec. 3.1-3.3), pure and per example.
 
-Shapes: B = per-replica batch, N = num_instances, K = num_negatives. Every loss returns [B] float32 and never
-reduces across examples or replicas: the train step does that once with tf.nn.compute_average_loss.
+Shapes: B = per-replica batch, N = num_instances, K = num_negatives, C = groups. Every loss returns [B] float32 and
+never reduces across examples or replicas: the train step does that once with tf.nn.compute_average_loss. Beyond
+the paper: a second view's feature as a further positive (Ye et al., CVPR 2019) and a group-level term against
+k-means centroids of the other view (in the spirit of CLD, Wang et al., CVPR 2021).
 """
 
 from __future__ import annotations
@@ -32,16 +34,19 @@ def nce_logits(similarities: tf.Tensor, *, temperature: float, num_instances: in
   return similarities / temperature - offset
 
 
-def nce_loss(pos_logits: tf.Tensor, neg_logits: tf.Tensor, *, neg_mask: tf.Tensor | None = None) -> tf.Tensor:
+def nce_loss(pos_logits: tf.Tensor, neg_logits: tf.Tensor, *, neg_mask: tf.Tensor | None = None,
+             view_logits: tf.Tensor | None = None) -> tf.Tensor:
   """Per-example NCE loss -log h(pos) - sum_k log(1 - h(neg_k)) (paper Eq. 6).
 
   Written with softplus so it stays finite for any logit: -log sigmoid(l) = softplus(-l) and
-  -log(1 - sigmoid(l)) = softplus(l).
+  -log(1 - sigmoid(l)) = softplus(l). With `view_logits` (two views), the other view's feature is a second
+  positive: the positive term becomes the mean of -log h(bank row) and -log h(other view).
 
   Args:
     pos_logits: [B] float32, `nce_logits` of each example's own bank row.
     neg_logits: [B, K] float32, `nce_logits` of the noise rows.
     neg_mask: optional [B, K] bool, False drops that negative (e.g. the positive drawn as noise).
+    view_logits: optional [B] float32, `nce_logits` of the similarity to the same image's other view.
 
   Returns:
     [B] float32 losses.
@@ -49,21 +54,79 @@ def nce_loss(pos_logits: tf.Tensor, neg_logits: tf.Tensor, *, neg_mask: tf.Tenso
   neg_terms = tf.nn.softplus(neg_logits)  # [B, K]
   if neg_mask is not None:
     neg_terms = tf.where(neg_mask, neg_terms, tf.zeros_like(neg_terms))
-  return tf.nn.softplus(-pos_logits) + tf.reduce_sum(neg_terms, axis=-1)
+  pos_terms = tf.nn.softplus(-pos_logits)
+  if view_logits is not None:
+    pos_terms = 0.5 * (pos_terms + tf.nn.softplus(-view_logits))
+  return pos_terms + tf.reduce_sum(neg_terms, axis=-1)
 
 
-def softmax_instance_loss(logits: tf.Tensor, instance_ids: tf.Tensor, *, temperature: float) -> tf.Tensor:
+def softmax_instance_loss(logits: tf.Tensor, instance_ids: tf.Tensor, *, temperature: float,
+                          view_similarity: tf.Tensor | None = None) -> tf.Tensor:
   """Per-example cross-entropy of the non-parametric softmax over all N instances (paper Eq. 2).
+
+  With `view_similarity` (two views, Ye et al. 2019), the same image's other view joins the N bank rows as one
+  more candidate, and both it and the bank row are positives: the loss is the mean of -log P(bank row i) and
+  -log P(other view) under one softmax over N + 1 candidates.
 
   Args:
     logits: [B, N] float32 similarities f . v_j (or w_j . f for the parametric baseline).
     instance_ids: [B] int, in [0, N).
     temperature: tau > 0; the logits are divided by it.
+    view_similarity: optional [B] float32, f . f' with f' the other view's feature (carries gradient to both).
 
   Returns:
     [B] float32 losses.
   """
-  return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=instance_ids, logits=logits / temperature)
+  if view_similarity is None:
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=instance_ids, logits=logits / temperature)
+  log_probs = tf.nn.log_softmax(tf.concat([logits, view_similarity[:, None]], axis=1) / temperature)  # [B, N+1]
+  bank_term = -tf.gather(log_probs, tf.cast(instance_ids, tf.int32), batch_dims=1)
+  return 0.5 * (bank_term - log_probs[:, -1])
+
+
+def spherical_kmeans(features: tf.Tensor, *, num_clusters: int, iterations: int, seed: tf.Tensor
+                     ) -> tuple[tf.Tensor, tf.Tensor]:
+  """Spherical k-means (cosine) of unit features, without gradient; the group step of the CLD-style term.
+
+  Starts from `num_clusters` distinct rows drawn with `seed`; a group that loses all its members keeps its last
+  centroid.
+
+  Args:
+    features: [M, D] float32, unit norm; M >= num_clusters.
+    num_clusters: C.
+    iterations: assignment-update rounds.
+    seed: [2] int.
+
+  Returns:
+    (centroids [C, D] float32 unit norm, assignments [M] int32 in [0, C)).
+  """
+  features = tf.stop_gradient(features)
+  start = tf.random.experimental.stateless_shuffle(tf.range(tf.shape(features)[0]), seed=seed)[:num_clusters]
+  centroids = tf.gather(features, start)  # [C, D]
+  for _ in range(iterations):
+    assignments = tf.argmax(tf.matmul(features, centroids, transpose_b=True), axis=1, output_type=tf.int32)
+    sums = tf.math.unsorted_segment_sum(features, assignments, num_clusters)  # [C, D]
+    occupied = tf.reduce_sum(tf.square(sums), axis=1, keepdims=True) > 0.0
+    centroids = tf.where(occupied, tf.math.l2_normalize(sums, axis=1), centroids)
+  assignments = tf.argmax(tf.matmul(features, centroids, transpose_b=True), axis=1, output_type=tf.int32)
+  return centroids, assignments
+
+
+def group_loss(features: tf.Tensor, centroids: tf.Tensor, assignments: tf.Tensor, *, temperature: float
+               ) -> tf.Tensor:
+  """Per-example cross-entropy of features against another view's group centroids (CLD's cross-level term).
+
+  Args:
+    features: [B, D] float32, unit norm: one view.
+    centroids: [C, D] float32, unit norm, from the other view's k-means (no gradient).
+    assignments: [B] int, in [0, C): the group of each example's other view.
+    temperature: > 0.
+
+  Returns:
+    [B] float32.
+  """
+  logits = tf.matmul(features, tf.stop_gradient(centroids), transpose_b=True) / temperature  # [B, C]
+  return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=assignments, logits=logits)
 
 
 def proximal_loss(features: tf.Tensor, bank_rows: tf.Tensor, *, proximal_lambda: float) -> tf.Tensor:

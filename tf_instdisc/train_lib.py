@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -76,61 +77,108 @@ def build_state(cfg: config_lib.Config, *, num_instances: int, input_shape: tupl
   return state
 
 
-def compute_objective(features: tf.Tensor, ids: tf.Tensor, *, bank: memory_bank.MemoryBank,
+GROUP_ITERATIONS = 5  # k-means rounds of the group term: enough for a batch of a few hundred unit vectors.
+
+
+def _negative_similarities(views: list[tf.Tensor], ids: tf.Tensor, *, bank: memory_bank.MemoryBank,
+                           cfg: config_lib.LossConfig, noise_seed: tf.Tensor, global_batch_size: int | None
+                           ) -> tuple[tf.Tensor, list[tf.Tensor]]:
+  """NCE noise ids [B, K] and each view's similarities to them [B, K]; every view meets the same noise rows."""
+  batch = tf.shape(ids)[0]
+  if cfg.negative_sampling == "shared":
+    shared = bank.sample_negatives([cfg.num_negatives], seed=noise_seed)  # [K]
+    noise_rows = bank.lookup(shared)  # [K, D]
+    return (tf.broadcast_to(shared[None], [batch, cfg.num_negatives]),
+            [tf.matmul(features, noise_rows, transpose_b=True) for features in views])
+  offset = distribute.replica_id() * batch  # This replica's first row in the global batch.
+  neg_ids = bank.sample_negatives([global_batch_size or batch, cfg.num_negatives], seed=noise_seed)
+  neg_ids = neg_ids[offset:offset + batch]  # [B, K]
+  noise_rows = bank.lookup(neg_ids)  # [B, K, D]
+  return neg_ids, [tf.einsum("bd,bkd->bk", features, noise_rows) for features in views]
+
+
+def _group_term(views: list[tf.Tensor], cfg: config_lib.LossConfig, noise_seed: tf.Tensor) -> tf.Tensor:
+  """[B]: each view classified against the k-means groups of the other view over the global batch (CLD-style).
+
+  k-means runs on the all-gathered features (no gradient), so N replicas group exactly as one device would.
+  """
+  batch = tf.shape(views[0])[0]
+  offset = distribute.replica_id() * batch
+  terms = []
+  for index, features in enumerate(views):
+    other = distribute.all_gather(tf.stop_gradient(views[1 - index]))  # [G, D]
+    seed = tf.random.experimental.stateless_fold_in(noise_seed, 1 + index)
+    centroids, assignments = objectives.spherical_kmeans(
+        other, num_clusters=cfg.group_clusters, iterations=GROUP_ITERATIONS, seed=seed)
+    terms.append(objectives.group_loss(features, centroids, assignments[offset:offset + batch],
+                                       temperature=cfg.group_temperature))
+  return 0.5 * (terms[0] + terms[1])
+
+
+def compute_objective(views: list[tf.Tensor], ids: tf.Tensor, *, bank: memory_bank.MemoryBank,
                       classifier: keras.layers.Layer | None, cfg: config_lib.LossConfig, proximal_lambda: float,
                       noise_seed: tf.Tensor, global_batch_size: int | None = None
                       ) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
   """Per-example loss [B] of the configured objective, reading (never writing) the bank; and diagnostics.
+
+  `views` holds one [B, D] feature per augmented view (1 or 2). With two, each view's loss counts the other view's
+  feature as a second positive and the per-example loss is the mean over both views (symmetric, Ye et al. 2019);
+  the group term (cfg.group_clusters > 0) is added with weight cfg.group_weight.
 
   Noise draws depend on (noise_seed, position in the global batch) only, never on the replica count: every
   replica draws the same shared K ids, or the same [global batch, K] block of which it takes its own rows. With
   the same noise_seed on every replica, N replicas train exactly as one device on the same global batch.
   """
   positives = bank.lookup(ids)  # [B, D]
-  pos_similarity = tf.reduce_sum(features * positives, axis=1)  # [B]
+  pos_similarity = [tf.reduce_sum(features * positives, axis=1) for features in views]  # each [B]
+  view_similarity = [None] * len(views)
+  if len(views) == 2:
+    view_similarity = [tf.reduce_sum(views[0] * views[1], axis=1)] * 2  # [B], f . f'
   normalizer = tf.constant(0.0)
   if cfg.objective == "nce":
-    batch = tf.shape(ids)[0]
-    if cfg.negative_sampling == "shared":
-      neg_ids = tf.broadcast_to(bank.sample_negatives([cfg.num_negatives], seed=noise_seed)[None],
-                                [batch, cfg.num_negatives])  # [B, K]
-      neg_similarity = tf.matmul(features, bank.lookup(neg_ids[0]), transpose_b=True)  # [B, K]
-    else:
-      offset = distribute.replica_id() * batch  # This replica's first row in the global batch.
-      neg_ids = bank.sample_negatives([global_batch_size or batch, cfg.num_negatives], seed=noise_seed)
-      neg_ids = neg_ids[offset:offset + batch]  # [B, K]
-      neg_similarity = tf.einsum("bd,bkd->bk", features, bank.lookup(neg_ids))
+    neg_ids, neg_similarity = _negative_similarities(views, ids, bank=bank, cfg=cfg, noise_seed=noise_seed,
+                                                     global_batch_size=global_batch_size)
     estimate = distribute.all_reduce_mean(objectives.estimate_normalizer(
-        pos_similarity, neg_similarity, temperature=cfg.temperature, num_instances=bank.num_instances))
+        pos_similarity[0], neg_similarity[0], temperature=cfg.temperature, num_instances=bank.num_instances))
     normalizer = bank.maybe_set_normalizer(estimate, momentum=cfg.normalizer_momentum)
-    logit_args = dict(temperature=cfg.temperature, num_instances=bank.num_instances,
-                      num_negatives=cfg.num_negatives, normalizer=normalizer)
+    logits = functools.partial(objectives.nce_logits, temperature=cfg.temperature,
+                               num_instances=bank.num_instances, num_negatives=cfg.num_negatives,
+                               normalizer=normalizer)
     neg_mask = tf.not_equal(neg_ids, tf.cast(ids, tf.int64)[:, None]) if cfg.exclude_positive else None
-    per_example = objectives.nce_loss(objectives.nce_logits(pos_similarity, **logit_args),
-                                      objectives.nce_logits(neg_similarity, **logit_args), neg_mask=neg_mask)
+    per_view = [objectives.nce_loss(logits(pos), logits(neg), neg_mask=neg_mask,
+                                    view_logits=None if view is None else logits(view))
+                for pos, neg, view in zip(pos_similarity, neg_similarity, view_similarity)]
   elif cfg.objective == "softmax":
-    logits = bank.similarities(features)  # [B, N]
-    per_example = objectives.softmax_instance_loss(logits, ids, temperature=cfg.temperature)
+    per_view = [objectives.softmax_instance_loss(bank.similarities(features), ids, temperature=cfg.temperature,
+                                                 view_similarity=view)  # logits [B, N]
+                for features, view in zip(views, view_similarity)]
   else:  # parametric: w_i . f, no temperature (paper Eq. 1); the weights' norm sets the scale.
-    per_example = objectives.softmax_instance_loss(classifier(features), ids, temperature=1.0)
+    per_view = [objectives.softmax_instance_loss(classifier(features), ids, temperature=1.0) for features in views]
+  per_example = tf.add_n(per_view) / len(views)
+  if cfg.group_clusters:
+    per_example += cfg.group_weight * _group_term(views, cfg, noise_seed)
   if proximal_lambda > 0.0:
-    per_example += objectives.proximal_loss(features, positives, proximal_lambda=proximal_lambda)
-  return per_example, {"normalizer": normalizer, "positive_similarity": tf.reduce_mean(pos_similarity)}
+    per_example += tf.add_n([objectives.proximal_loss(features, positives, proximal_lambda=proximal_lambda)
+                             for features in views]) / len(views)
+  return per_example, {"normalizer": normalizer, "positive_similarity": tf.reduce_mean(pos_similarity[0])}
 
 
 def make_train_step(state: TrainState, cfg: config_lib.Config, *, global_batch_size: int) -> Callable:
   """Returns the per-replica step: batch dict -> {name: scalar} (METRIC_NAMES); run it under strategy.run."""
   variables = state.trainable_variables
   weight_decay = cfg.optim.weight_decay
+  view_keys = (data_lib.IMAGE_KEY, data_lib.SECOND_VIEW_KEY)[:cfg.augment.views]
 
   def train_step(batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
     ids = batch[data_lib.ID_KEY]  # [B] int64
     step = tf.cast(state.optimizer.iterations, tf.int64)
     noise_seed = tf.stack([tf.constant(cfg.train.seed, tf.int64), step])  # The same on every replica.
     with tf.GradientTape() as tape:
-      features = tf.cast(state.model(batch[data_lib.IMAGE_KEY], training=True), tf.float32)  # [B, D]
+      # Both views go through the network as one batch [V*B, ...]: one pass, batch statistics over both.
+      images = tf.concat([batch[key] for key in view_keys], axis=0)
+      views = tf.split(tf.cast(state.model(images, training=True), tf.float32), len(view_keys))  # each [B, D]
       per_example, diagnostics = compute_objective(
-          features, ids, bank=state.bank, classifier=state.classifier, cfg=cfg.loss,
+          views, ids, bank=state.bank, classifier=state.classifier, cfg=cfg.loss,
           proximal_lambda=cfg.bank.proximal_lambda, noise_seed=noise_seed, global_batch_size=global_batch_size)
       # Divide by the global batch: apply_gradients sums the replicas' gradients, giving the global mean.
       loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch_size)
@@ -141,7 +189,9 @@ def make_train_step(state: TrainState, cfg: config_lib.Config, *, global_batch_s
     gradients = tape.gradient(scaled, variables)
     state.optimizer.apply_gradients(zip(gradients, variables))
     # The bank update comes after the loss has read the old rows; every replica applies the same gathered rows.
-    state.bank.update(distribute.all_gather(ids), distribute.all_gather(tf.stop_gradient(features)),
+    # With two views an id appears twice: the bank averages its two features before the momentum update.
+    state.bank.update(distribute.all_gather(tf.concat([ids] * len(views), axis=0)),
+                      distribute.all_gather(tf.stop_gradient(tf.concat(views, axis=0))),
                       momentum=cfg.bank.bank_momentum)
     return {"loss": loss, **diagnostics}
 
@@ -184,6 +234,48 @@ def plan_run(cfg: config_lib.Config, source: data_lib.DataSource) -> RunPlan:
                  steps_per_epoch=num_instances // cfg.train.batch_size, global_batch_size=cfg.train.batch_size)
 
 
+TIME_PARTS = ("train", "monitor", "checkpoint", "final_eval")
+
+
+class _Clock:
+  """Where a run's wall time goes: seconds in training steps, the kNN monitor, checkpoints and the final evaluation,
+  and the rest ("other": start-up, building datasets, logging). Totals carry over a resume from the last record.
+  """
+
+  def __init__(self, started_at: float):
+    self.started_at = started_at
+    self.totals = dict.fromkeys(TIME_PARTS, 0.0)
+    self.previous_wall = 0.0  # Wall seconds of earlier processes of this run (a resume).
+
+  def carry_over(self, record: dict[str, Any] | None) -> None:
+    """Adds the cumulative times of the last kept metrics record (a resumed run continues its accounts)."""
+    timing = (record or {}).get("time") or {}
+    for part in TIME_PARTS:
+      self.totals[part] += timing.get(f"{part}_seconds", 0.0)
+    self.previous_wall = timing.get("wall_seconds", 0.0)
+
+  @contextlib.contextmanager
+  def measure(self, part: str) -> Iterator[None]:
+    start = time.time()
+    try:
+      yield
+    finally:
+      self.totals[part] += time.time() - start
+
+  def summary(self) -> dict[str, float]:
+    """{part_seconds..., other_seconds, wall_seconds}: the parts and other add up to the wall time."""
+    wall = self.previous_wall + time.time() - self.started_at
+    parts = {f"{part}_seconds": round(seconds, 3) for part, seconds in self.totals.items()}
+    return {**parts, "other_seconds": round(wall - sum(self.totals.values()), 3), "wall_seconds": round(wall, 3)}
+
+  def describe(self) -> str:
+    summary, fmt = self.summary(), results_lib.format_seconds
+    wall = max(summary["wall_seconds"], 1e-9)
+    shares = ", ".join(f"{part.replace('_', ' ')} {fmt(summary[f'{part}_seconds'])} "
+                       f"({100 * summary[f'{part}_seconds'] / wall:.1f}%)" for part in (*TIME_PARTS, "other"))
+    return f"wall {fmt(wall)}: {shares}"
+
+
 class _Run:
   """The Python side of one run: owns the model dir's files, summaries and console output.
 
@@ -193,8 +285,9 @@ class _Run:
   """
 
   def __init__(self, cfg: config_lib.Config, strategy: tf.distribute.Strategy,
-               source: data_lib.DataSource | None = None):
+               source: data_lib.DataSource | None = None, *, started_at: float | None = None):
     self.cfg, self.strategy = cfg, strategy
+    self.clock = _Clock(started_at or time.time())
     self.model_dir = cfg.train.model_dir
     self.chief = distribute.is_chief(strategy)
     self.source = source or data_lib.load_source(cfg.data)
@@ -227,6 +320,7 @@ class _Run:
       self.scratch_dir = os.path.join(self.model_dir, f".scratch-{distribute.task_name(strategy)}")
       self.writer = tf.summary.create_noop_writer()
     self.evaluator = self._build_evaluator()
+    self.monitor = self._build_evaluator(cfg.eval.monitor_examples)
     step_fn = make_train_step(self.state, cfg, global_batch_size=self.plan.global_batch_size)
     self.train_loop = make_train_loop(step_fn, strategy)
     self.stop_signal: int | None = None
@@ -243,7 +337,10 @@ class _Run:
                  results_lib.format_seconds(time.time() - start))
 
   def _truncate_metrics(self, completed_epochs: int) -> None:
-    """Drops metrics.jsonl lines of epochs after the restored checkpoint: they will be trained, and logged, again."""
+    """Drops metrics.jsonl lines of epochs after the restored checkpoint: they will be trained, and logged, again.
+
+    The last kept line's time accounts carry over into this process's clock.
+    """
     path = os.path.join(self.model_dir, METRICS_FILE)
     if not os.path.exists(path):
       return
@@ -252,13 +349,17 @@ class _Run:
     with open(f"{path}.tmp", "w") as f:
       f.writelines(lines)
     os.replace(f"{path}.tmp", path)
+    if lines:
+      self.clock.carry_over(json.loads(lines[-1]))
 
-  def _build_evaluator(self) -> knn.KnnEvaluator | None:
+  def _build_evaluator(self, max_examples: int = 0) -> knn.KnnEvaluator | None:
+    """kNN of the eval split (its first max_examples images when > 0: the monitor's fixed subset)."""
     if self.source.eval is None or self.source.num_classes == 0:
-      logging.info("no labelled eval split: kNN evaluation is off")
+      if not max_examples:
+        logging.info("no labelled eval split: kNN evaluation is off")
       return None
-    eval_ds = data_lib.make_eval_dataset(self.source.eval, self.cfg.augment, image_size=self.plan.input_shape[0],
-                                         batch_size=self.cfg.eval.eval_batch_size)
+    eval_ds = data_lib.make_eval_dataset(data_lib.take_first(self.source.eval, max_examples), self.cfg.augment,
+                                         image_size=self.plan.input_shape[0], batch_size=self.cfg.eval.eval_batch_size)
     return knn.KnnEvaluator(eval_ds, data_lib.load_labels(self.source.train), k=self.cfg.eval.knn_k,
                             temperature=self.cfg.eval.knn_temperature, num_classes=self.source.num_classes)
 
@@ -328,13 +429,15 @@ class _Run:
   def _lr(self) -> float:
     return float(self.state.optimizer.learning_rate)
 
-  def _evaluate(self, keys: tf.Tensor) -> dict[str, float]:
-    if self.evaluator is None:
+  def _evaluate(self, keys: tf.Tensor, evaluator: knn.KnnEvaluator | None = None) -> dict[str, float]:
+    evaluator = evaluator or self.evaluator
+    if evaluator is None:
       return {}
-    return dict(self.evaluator.run(self.state.model, keys))
+    return dict(evaluator.run(self.state.model, keys))
 
   def _record(self, epoch: int, values: dict[str, Any]) -> None:
-    record = {"epoch": epoch + 1, "step": self.step, "lr": self._lr(), "knn_top1": None, "knn_top5": None, **values}
+    record = {"epoch": epoch + 1, "step": self.step, "lr": self._lr(), "knn_top1": None, "knn_top5": None, **values,
+              "time": self.clock.summary()}
     if self.chief:
       with open(os.path.join(self.model_dir, METRICS_FILE), "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -344,31 +447,37 @@ class _Run:
           tf.summary.scalar(f"{'eval' if name.startswith('knn') else 'train'}/{name}", record[name])
     knn_text = "" if record["knn_top1"] is None else (
         f" bank kNN top-1 {100 * record['knn_top1']:.2f}% top-5 {100 * record['knn_top5']:.2f}%")
-    logging.info("epoch %d done: loss %.4f%s, %.0f img/s, %s", epoch + 1, record["loss"], knn_text,
-                 record["images_per_sec"], results_lib.format_seconds(record["seconds"]))
+    logging.info("epoch %d done: loss %.4f%s, %.0f img/s, %s; %s", epoch + 1, record["loss"], knn_text,
+                 record["images_per_sec"], results_lib.format_seconds(record["seconds"]), self.clock.describe())
 
   def train(self) -> None:
     cfg, spe = self.cfg, self.plan.steps_per_epoch
     for epoch in range(self.step // spe, cfg.train.epochs):
-      values = self._train_epoch(epoch)
+      with self.clock.measure("train"):
+        values = self._train_epoch(epoch)
       last = epoch + 1 == cfg.train.epochs
-      if self.evaluator is not None and cfg.eval.eval_every_epochs and (
+      if self.monitor is not None and cfg.eval.eval_every_epochs and (
           (epoch + 1) % cfg.eval.eval_every_epochs == 0 or last):
-        values.update(self._evaluate(self.state.bank.as_float32()))
+        with self.clock.measure("monitor"):
+          values.update(self._evaluate(self.state.bank.as_float32(), self.monitor))
       if (epoch + 1) % cfg.train.checkpoint_every_epochs == 0 or last:
-        self._save()
+        with self.clock.measure("checkpoint"):
+          self._save()
       self._record(epoch, values)
       self.writer.flush()
 
   def final_evaluation(self) -> dict[str, Any]:
     """kNN of the eval split against clean recomputed train features (the real number, DESIGN.md)."""
     if self.evaluator is None or not self.cfg.eval.final_eval:
+      logging.info("time: %s", self.clock.describe())
       return {}
     start = time.time()
-    results = self._evaluate(tf.constant(self._clean_train_features()))
+    with self.clock.measure("final_eval"):
+      results = self._evaluate(tf.constant(self._clean_train_features()))
     results = {"epoch": self.step // self.plan.steps_per_epoch, "step": self.step, "knn_k": self.cfg.eval.knn_k,
                "knn_temperature": self.cfg.eval.knn_temperature, "keys": "clean_train_features", **results,
-               "seconds": time.time() - start}
+               "seconds": time.time() - start, "time": self.clock.summary()}
+    logging.info("time: %s", self.clock.describe())
     if self.chief:
       checkpointing.write_json_atomic(os.path.join(self.model_dir, FINAL_METRICS_FILE), results)
     logging.info("final kNN (k=%d) against clean train features: top-1 %.2f%% top-5 %.2f%%", self.cfg.eval.knn_k,
@@ -438,8 +547,9 @@ def run(cfg: config_lib.Config, strategy: tf.distribute.Strategy,
     TrainingStopped on SIGTERM, after saving a checkpoint of the step it stopped at; WorkerLost when a peer of a
     multi-worker run died.
   """
+  started_at = time.time()
   config_lib.validate(cfg)
-  current = _Run(cfg, strategy, source)
+  current = _Run(cfg, strategy, source, started_at=started_at)
   with _peer_loss_raises_worker_lost(current), _stop_on_sigterm(current):
     current.train()
     return current.final_evaluation()
