@@ -59,8 +59,9 @@ _HELP = {
     "negative_sampling": "shared: one draw of K negatives per global batch (fast); per_example: K per example.",
     "exclude_positive": "Drop noise samples that equal the example's own instance.",
     "normalizer_momentum": "0: NCE normaliser Z fixed from the first global batch (paper); else moving-average rate.",
-    "group_clusters": "With --views=2: a CLD-style group term (Wang et al. 2021) over this many k-means groups of "
-                      "the global batch (0 = off, the paper).",
+    "group_clusters": "A CLD-style group term (Wang et al. 2021) over this many k-means groups of the global batch: "
+                      "each view against the other view's groups (--views=2), or against its own bank rows' groups "
+                      "(--views=1). 0 = off, the paper.",
     "group_weight": "Weight of the group term.",
     "group_temperature": "Temperature of the group term's softmax over the centroids.",
     "learning_rate": "Base learning rate of SGD.",

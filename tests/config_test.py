@@ -91,7 +91,6 @@ class ValidateTest(tf.test.TestCase, parameterized.TestCase):
       ("negative_erasing_prob", {"erasing_prob": -0.1}, "erasing_prob"),
       ("three_views", {"views": 3}, "views"),
       ("negative_group_clusters", {"group_clusters": -1}, "group_clusters"),
-      ("group_term_with_one_view", {"group_clusters": 4}, "group_clusters"),
       ("group_term_parametric", {"group_clusters": 4, "views": 2, "objective": "parametric"}, "group_clusters"),
       ("negative_group_weight", {"group_weight": -1.0}, "group_weight"),
       ("zero_group_temperature", {"group_temperature": 0.0}, "group_temperature"),

@@ -171,6 +171,25 @@ class PlotsTest(absltest.TestCase):
     np.testing.assert_allclose(knn_a.get_ydata(), [43.0, 49.0])
     self.assertIn("%", knn_ax.get_ylabel())
 
+  def test_training_curves_against_wall_minutes_with_a_baseline(self):
+    records = [{"epoch": e, "loss": 9.0 - e, "knn_top1": 0.5 + 0.1 * e, "time": {"wall_seconds": 90.0 * e}}
+               for e in (1, 2, 3)]
+    loss_ax, knn_ax = self._drawn(plots.training_curves, {"a": records}, os.path.join(self.dir, "w.png"),
+                                  x="minutes", baselines={"pixels": 0.8})
+    np.testing.assert_allclose(knn_ax.get_lines()[0].get_xdata(), [1.5, 3.0, 4.5])
+    np.testing.assert_allclose(knn_ax.get_lines()[0].get_ydata(), [60.0, 70.0, 80.0])
+    pixels = knn_ax.get_lines()[1]
+    self.assertEqual(pixels.get_label(), "pixels")
+    np.testing.assert_allclose(pixels.get_ydata(), [80.0, 80.0])
+    self.assertEqual(pixels.get_linestyle(), "--")
+    self.assertIn("minutes", loss_ax.get_xlabel())
+
+  def test_training_curves_against_minutes_need_wall_times(self):
+    with self.assertRaisesRegex(ValueError, "record 0 has no 'minutes'"):
+      plots.training_curves({"a": [{"epoch": 1, "loss": 2.0}]}, os.path.join(self.dir, "w.png"), x="minutes")
+    with self.assertRaisesRegex(ValueError, "x must be one of epoch, minutes"):
+      plots.training_curves({"a": _records(2)}, os.path.join(self.dir, "w.png"), x="steps")
+
   def test_embedding_map_has_class_names_and_no_ticks(self):
     points, labels = self._map_points()
     (ax,) = self._drawn(plots.embedding_map, points, labels[::-1].copy(), os.path.join(self.dir, "m.png"),

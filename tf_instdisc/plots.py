@@ -171,8 +171,20 @@ def ablation_curve(output: str, *, xs: list[float], ours: dict[str, list[float |
   _save(fig, output)
 
 
-def training_curves(runs: dict[str, list[dict]], output: str, *, title: str = "") -> None:
-  """Training loss and kNN top-1 (%) against epoch, side by side, one line per run (paper Figures 3 and 4 style).
+X_AXES = {"epoch": "epoch", "minutes": "wall time (minutes)"}
+
+
+def _x_of(record: dict, x: str) -> float | None:
+  if x == "epoch":
+    return record.get("epoch")
+  wall = (record.get("time") or {}).get("wall_seconds")
+  return None if wall is None else wall / 60.0
+
+
+def training_curves(runs: dict[str, list[dict]], output: str, *, title: str = "", x: str = "epoch",
+                    baselines: dict[str, float] | None = None) -> None:
+  """Training loss and kNN top-1 (%) against epoch or wall time, side by side, one line per run (paper Figures 3
+  and 4 style).
 
   Args:
     runs: run name -> per-epoch records like {"epoch": 1, "loss": 7.3, "knn_top1": 0.61} (metrics.jsonl rows);
@@ -180,30 +192,37 @@ def training_curves(runs: dict[str, list[dict]], output: str, *, title: str = ""
       may loss.
     output: PNG path.
     title: figure title.
+    x: "epoch", or "minutes": the run's cumulative wall time (record["time"]["wall_seconds"], metrics.jsonl).
+    baselines: label -> kNN top-1 fraction drawn as a dashed horizontal line on the kNN panel (e.g. raw pixels).
 
   Raises:
-    ValueError: no runs, a run without records, or a record without an "epoch".
+    ValueError: no runs, a run without records, a record without an "epoch" (or without a wall time for
+    x="minutes"), or an unknown x.
   """
+  if x not in X_AXES:
+    raise ValueError(f"training_curves: x must be one of {', '.join(X_AXES)}, got {x!r}")
   if not runs:
     raise ValueError("training_curves: no runs")
   for name, records in runs.items():
     if not records:
       raise ValueError(f"training_curves: run {name!r} has no records")
     for position, record in enumerate(records):
-      if record.get("epoch") is None:
-        raise ValueError(f"training_curves: run {name!r} record {position} has no 'epoch': {record}")
+      if record.get("epoch") is None or _x_of(record, x) is None:
+        raise ValueError(f"training_curves: run {name!r} record {position} has no {x!r}: {record}")
 
   plt = _pyplot()
   fig, (loss_ax, knn_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
   for index, (name, records) in enumerate(runs.items()):
-    loss = [(r["epoch"], r["loss"]) for r in records if r.get("loss") is not None]
-    knn = [(r["epoch"], 100 * r["knn_top1"]) for r in records if r.get("knn_top1") is not None]
+    loss = [(_x_of(r, x), r["loss"]) for r in records if r.get("loss") is not None]
+    knn = [(_x_of(r, x), 100 * r["knn_top1"]) for r in records if r.get("knn_top1") is not None]
     if loss:
       loss_ax.plot(*zip(*loss), marker="o", markersize=3, color=f"C{index}", label=name)
     if knn:
       knn_ax.plot(*zip(*knn), marker="o", markersize=3, color=f"C{index}", label=name)
-  loss_ax.set(xlabel="epoch", ylabel="training loss", title="training loss")
-  knn_ax.set(xlabel="epoch", ylabel="kNN top-1 (%)", title="kNN accuracy")
+  for index, (label, value) in enumerate((baselines or {}).items()):
+    knn_ax.axhline(100 * value, color="gray", linestyle=("--", ":", "-.")[index % 3], linewidth=1, label=label)
+  loss_ax.set(xlabel=X_AXES[x], ylabel="training loss", title="training loss")
+  knn_ax.set(xlabel=X_AXES[x], ylabel="kNN top-1 (%)", title="kNN accuracy")
   for ax in (loss_ax, knn_ax):
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:

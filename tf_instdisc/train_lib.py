@@ -97,22 +97,27 @@ def _negative_similarities(views: list[tf.Tensor], ids: tf.Tensor, *, bank: memo
   return neg_ids, [tf.einsum("bd,bkd->bk", features, noise_rows) for features in views]
 
 
-def _group_term(views: list[tf.Tensor], cfg: config_lib.LossConfig, noise_seed: tf.Tensor) -> tf.Tensor:
-  """[B]: each view classified against the k-means groups of the other view over the global batch (CLD-style).
+def _group_term(views: list[tf.Tensor], positives: tf.Tensor, cfg: config_lib.LossConfig, noise_seed: tf.Tensor
+                ) -> tf.Tensor:
+  """[B]: features classified against the k-means groups of another view of the batch (CLD-style), over the
+  global batch.
 
-  k-means runs on the all-gathered features (no gradient), so N replicas group exactly as one device would.
+  Two views: each view against the other's groups, averaged (CLD's cross-level term). One view: the features
+  against the groups of their own bank rows, the view of the same images the bank kept from earlier steps (no
+  second forward pass). k-means runs on all-gathered rows without gradient, so N replicas group as one device.
   """
   batch = tf.shape(views[0])[0]
   offset = distribute.replica_id() * batch
+  targets = [views[1], views[0]] if len(views) == 2 else [positives]
   terms = []
-  for index, features in enumerate(views):
-    other = distribute.all_gather(tf.stop_gradient(views[1 - index]))  # [G, D]
+  for index, (features, other) in enumerate(zip(views, targets)):
+    gathered = distribute.all_gather(tf.stop_gradient(other))  # [G, D]
     seed = tf.random.experimental.stateless_fold_in(noise_seed, 1 + index)
     centroids, assignments = objectives.spherical_kmeans(
-        other, num_clusters=cfg.group_clusters, iterations=GROUP_ITERATIONS, seed=seed)
+        gathered, num_clusters=cfg.group_clusters, iterations=GROUP_ITERATIONS, seed=seed)
     terms.append(objectives.group_loss(features, centroids, assignments[offset:offset + batch],
                                        temperature=cfg.group_temperature))
-  return 0.5 * (terms[0] + terms[1])
+  return tf.add_n(terms) / len(terms)
 
 
 def compute_objective(views: list[tf.Tensor], ids: tf.Tensor, *, bank: memory_bank.MemoryBank,
@@ -156,7 +161,7 @@ def compute_objective(views: list[tf.Tensor], ids: tf.Tensor, *, bank: memory_ba
     per_view = [objectives.softmax_instance_loss(classifier(features), ids, temperature=1.0) for features in views]
   per_example = tf.add_n(per_view) / len(views)
   if cfg.group_clusters:
-    per_example += cfg.group_weight * _group_term(views, cfg, noise_seed)
+    per_example += cfg.group_weight * _group_term(views, positives, cfg, noise_seed)
   if proximal_lambda > 0.0:
     per_example += tf.add_n([objectives.proximal_loss(features, positives, proximal_lambda=proximal_lambda)
                              for features in views]) / len(views)

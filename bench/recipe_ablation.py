@@ -1,0 +1,170 @@
+"""The recipe levers and the options beyond the paper, each a train.py variant at about the same wall-clock budget.
+
+  python bench/recipe_ablation.py --root=/tmp/recipe --variants=all
+  python bench/recipe_ablation.py --root=/tmp/recipe --variants=paper_recipe,two_views --output=docs/recipe_ablation
+
+Every variant is `train.py --flagfile=fashion_mnist.flags --validation_examples=5000 --monitor_examples=1000` plus
+its own flags, in ROOT/<name>; its `epochs` are set so that its training fills about --minutes on a 2-core CPU in
+float32 (the measured seconds per epoch of its kind, SECONDS_PER_EPOCH); the table shows the wall time each really
+took. Each run is then scored by `evaluate.py --protocol=knn --knn_k=10,20,50,200` on the 5,000 held-out train
+images (never the test set): embedding, pooled backbone and raw pixels. A rerun skips finished runs and
+evaluations. Writes OUTPUT.md (a table), OUTPUT.json and OUTPUT.png (the bank-kNN monitor against wall minutes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from tf_instdisc import plots  # noqa: E402  (after the path: the script runs as bench/recipe_ablation.py)
+KS = (10, 20, 50, 200)
+MONITOR_EXAMPLES = 1000
+# Seconds per epoch of 55,000 images in float32 on 2 cores (AMD EPYC, measured 2026-12-01), by step kind.
+SECONDS_PER_EPOCH = {"softmax": 90.0, "nce": 62.0, "softmax_2v": 170.0, "nce_2v": 135.0}
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  name: str
+  lever: str  # What it changes against paper_recipe, for the table.
+  kind: str  # A SECONDS_PER_EPOCH key.
+  flags: tuple[str, ...] = ()
+  source: str = ""
+
+
+TWO_VIEWS = ("--views=2",)
+VARIANTS = {v.name: v for v in (
+    Variant("paper_recipe", "fashion_mnist.flags of 0268a43 (exact softmax, tau 0.2, one view)", "softmax"),
+    Variant("two_views", "--views=2 (symmetric two-view loss)", "softmax_2v", TWO_VIEWS, "Ye et al., CVPR 2019"),
+    Variant("group", "--group_clusters=32 (CLD-style group term against the bank rows' groups, one view)", "softmax",
+            ("--group_clusters=32",), "after Wang et al., CVPR 2021"),
+    Variant("two_views_group", "--views=2 --group_clusters=32 (CLD-style group term)", "softmax_2v",
+            (*TWO_VIEWS, "--group_clusters=32"), "Wang et al., CVPR 2021"),
+    Variant("nce", "--objective=nce --num_negatives=4096 (faster steps, more epochs)", "nce",
+            ("--objective=nce", "--num_negatives=4096", "--normalizer_momentum=0.9")),
+    Variant("mild_crops", "--crop_scale_min=0.6 --blur_prob=0.3 --erasing_prob=0.3", "softmax",
+            ("--crop_scale_min=0.6", "--blur_prob=0.3", "--erasing_prob=0.3")),
+    Variant("tau_0.1", "--temperature=0.1", "softmax", ("--temperature=0.1",)),
+    Variant("lr_0.1_warmup", "--learning_rate=0.1 --warmup_epochs=1", "softmax",
+            ("--learning_rate=0.1", "--warmup_epochs=1")),
+    Variant("bfloat16", "--mixed_precision=bfloat16 (same epochs as paper_recipe: a precision check, not a budget)",
+            "softmax", ("--mixed_precision=bfloat16",)),
+)}
+
+flags.DEFINE_string("root", None, "Directory of the variants' runs.", required=True)
+flags.DEFINE_list("variants", ["all"], f"Variants to run: all, or some of {', '.join(VARIANTS)}.")
+flags.DEFINE_float("minutes", 8.0, "Training budget of every variant (sets its epochs, see SECONDS_PER_EPOCH).")
+flags.DEFINE_string("output", "", "OUTPUT.md and OUTPUT.json (default ROOT/recipe_ablation).")
+flags.DEFINE_list("extra_flags", [], "train.py flags added to every variant (e.g. --mixed_precision=off).")
+flags.DEFINE_string("base_flagfile", "fashion_mnist.flags", "The flagfile every variant starts from.")
+flags.DEFINE_integer("validation_examples", 5000, "Train images held out to score the variants on.")
+FLAGS = flags.FLAGS
+
+
+def epochs_for(variant: Variant, minutes: float) -> int:
+  return max(1, math.floor(minutes * 60 / SECONDS_PER_EPOCH[variant.kind]))
+
+
+def _run(command: list[str], log_path: str) -> None:
+  with open(log_path, "a") as log:
+    subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=True)
+
+
+def base_flags() -> list[str]:
+  return [f"--flagfile={FLAGS.base_flagfile}", f"--validation_examples={FLAGS.validation_examples}",
+          f"--monitor_examples={min(MONITOR_EXAMPLES, FLAGS.validation_examples)}"]
+
+
+def train_and_score(variant: Variant, root: str, minutes: float, extra: list[str]) -> dict:
+  """Trains the variant (unless finished), scores it with evaluate.py (unless scored); returns its row."""
+  model_dir = os.path.join(root, variant.name)
+  epochs = epochs_for(variant, minutes)
+  final = os.path.join(model_dir, "final_metrics.json")
+  if not os.path.exists(final):
+    print(f"training {variant.name}: {epochs} epochs", flush=True)
+    _run([sys.executable, "train.py", *base_flags(), *variant.flags, *extra, f"--epochs={epochs}",
+          f"--model_dir={model_dir}"], os.path.join(root, f"{variant.name}.log"))
+  knn_file = os.path.join(model_dir, "eval", "knn.json")
+  if not os.path.exists(knn_file) or os.path.getmtime(knn_file) < os.path.getmtime(final):
+    print(f"scoring {variant.name}", flush=True)
+    _run([sys.executable, "evaluate.py", f"--model_dir={model_dir}", "--protocol=knn",
+          f"--knn_k={','.join(map(str, KS))}", "--noplots"], os.path.join(root, f"{variant.name}.log"))
+  with open(final) as f:
+    timing = json.load(f)["time"]
+  with open(os.path.join(model_dir, "config.json")) as f:
+    epochs = json.load(f)["train"]["epochs"]  # As trained (a run made before a change of --minutes keeps its own).
+  with open(knn_file) as f:
+    scores = json.load(f)["features"]
+  return {"name": variant.name, "lever": variant.lever, "source": variant.source, "epochs": epochs,
+          "flags": list(variant.flags), "time": timing,
+          "top1": {kind: {k: scores[kind][f"k={k}"]["top1"] for k in KS} for kind in scores}}
+
+
+def write_table(rows: list[dict], output: str, command: str) -> None:
+  lines = [f"Command: `{command}`", "",
+           f"kNN top-1 (%) on {FLAGS.validation_examples:,} train images held out of training and of the keys "
+           "(t=0.07, cosine, keys: the rest of the train split), of the 128-d embedding; the pixels row is the input "
+           "itself, the same for every run.", "",
+           "| variant | what changes | source | epochs | train min | wall min | k=10 | k=20 | k=50 | k=200 |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+  pixels = rows[0]["top1"].get("pixels") if rows else None
+  if pixels:
+    lines.append("| pixels | raw pixels (784), no network | | | | | " +
+                 " | ".join(f"{100 * pixels[k]:.2f}" for k in KS) + " |")
+  for row in rows:
+    embedding = row["top1"]["embedding"]
+    lines.append(f"| {row['name']} | {row['lever']} | {row['source']} | {row['epochs']} | "
+                 f"{row['time']['train_seconds'] / 60:.1f} | {row['time']['wall_seconds'] / 60:.1f} | " +
+                 " | ".join(f"{100 * embedding[k]:.2f}" for k in KS) + " |")
+  with open(f"{output}.md.tmp", "w") as f:
+    f.write("\n".join(lines) + "\n")
+  os.replace(f"{output}.md.tmp", f"{output}.md")
+  with open(f"{output}.json.tmp", "w") as f:
+    json.dump({"command": command, "rows": rows}, f, indent=1)
+  os.replace(f"{output}.json.tmp", f"{output}.json")
+
+
+def write_plot(rows: list[dict], root: str, output: str) -> None:
+  """The monitor (bank kNN at the flagfile's k, first MONITOR_EXAMPLES validation images) against wall minutes."""
+  runs = {}
+  for row in rows:
+    with open(os.path.join(root, row["name"], "metrics.jsonl")) as f:
+      runs[row["name"]] = [json.loads(line) for line in f if line.strip()]
+  pixels = rows[0]["top1"].get("pixels", {}).get(200) if rows else None
+  plots.training_curves(runs, f"{output}.png", x="minutes", title="kNN monitor at equal wall-clock budgets",
+                        baselines={"raw pixels, k=200": pixels} if pixels else None)
+
+
+def main(argv: list[str]) -> int:
+  del argv
+  names = list(VARIANTS) if FLAGS.variants == ["all"] else FLAGS.variants
+  unknown = [n for n in names if n not in VARIANTS]
+  if unknown:
+    print(f"recipe_ablation.py: --variants: unknown {', '.join(unknown)}; expected all or some of "
+          f"{', '.join(VARIANTS)}", file=sys.stderr)
+    return 2
+  os.makedirs(FLAGS.root, exist_ok=True)
+  output = FLAGS.output or os.path.join(FLAGS.root, "recipe_ablation")
+  command = " ".join(["python bench/recipe_ablation.py", *sys.argv[1:]])
+  rows = []
+  for name in names:
+    start = time.time()
+    rows.append(train_and_score(VARIANTS[name], FLAGS.root, FLAGS.minutes, FLAGS.extra_flags))
+    print(f"{name}: k=200 {100 * rows[-1]['top1']['embedding'][200]:.2f}% ({time.time() - start:.0f} s)", flush=True)
+    write_table(rows, output, command)
+    write_plot(rows, FLAGS.root, output)
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(main)

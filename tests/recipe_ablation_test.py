@@ -1,0 +1,65 @@
+"""bench/recipe_ablation.py end to end on smoke.flags: one-epoch variants, the table, JSON and plot; reruns skip."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import tensorflow as tf
+
+from tests import testing
+
+SCRIPT = os.path.join("bench", "recipe_ablation.py")
+TIMEOUT_SECONDS = 900  # A hang guard: two one-epoch smoke trainings and their kNN evaluations.
+
+
+def run_ablation(*args: str) -> subprocess.CompletedProcess:
+  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
+  return subprocess.run([testing.python(), SCRIPT, *args], cwd=testing.REPO_ROOT, env=env, capture_output=True,
+                        text=True, timeout=TIMEOUT_SECONDS, check=False)
+
+
+class RecipeAblationTest(tf.test.TestCase):
+
+  def test_variants_train_score_and_report_then_a_rerun_skips_them(self):
+    if not testing.has_fashion_mnist():
+      self.skipTest("needs Debian's dataset-fashion-mnist")
+    root = self.create_tempdir().full_path
+    args = (f"--root={root}", "--base_flagfile=smoke.flags", "--validation_examples=200", "--minutes=0.01",
+            "--variants=paper_recipe,two_views_group")
+    first = run_ablation(*args)
+    self.assertEqual(first.returncode, 0, first.stderr[-3000:])
+    self.assertIn("training two_views_group: 1 epochs", first.stdout)
+    with open(os.path.join(root, "recipe_ablation.json")) as f:
+      report = json.load(f)
+    self.assertEqual([row["name"] for row in report["rows"]], ["paper_recipe", "two_views_group"])
+    for row in report["rows"]:
+      self.assertEqual(sorted(row["top1"]), ["backbone", "embedding", "pixels"])
+      self.assertEqual(sorted(row["top1"]["embedding"]), ["10", "20", "200", "50"])
+      self.assertGreater(row["time"]["wall_seconds"], row["time"]["train_seconds"])
+    with open(os.path.join(root, "two_views_group", "config.json")) as f:
+      cfg = json.load(f)
+    self.assertEqual((cfg["augment"]["views"], cfg["loss"]["group_clusters"]), (2, 32))
+    self.assertEqual(cfg["data"]["validation_examples"], 200)
+    with open(os.path.join(root, "recipe_ablation.md")) as f:
+      table = f.read()
+    self.assertIn("| pixels | raw pixels (784)", table)
+    self.assertIn("| two_views_group | --views=2 --group_clusters=32", table)
+    self.assertTrue(os.path.getsize(os.path.join(root, "recipe_ablation.png")) > 1000)
+
+    again = run_ablation(*args)
+    self.assertEqual(again.returncode, 0, again.stderr[-3000:])
+    self.assertNotIn("training", again.stdout)
+    self.assertNotIn("scoring", again.stdout)
+
+  def test_unknown_variant_is_refused_before_anything_runs(self):
+    root = os.path.join(self.create_tempdir().full_path, "never")
+    result = run_ablation(f"--root={root}", "--variants=paper_recipe,bigger_batch")
+    self.assertEqual(result.returncode, 2)
+    self.assertIn("--variants: unknown bigger_batch", result.stderr)
+    self.assertFalse(os.path.exists(root))
+
+
+if __name__ == "__main__":
+  tf.test.main()
