@@ -376,6 +376,7 @@ class _Run:
     # Every worker builds the same global batches; each keeps its replicas' share of every batch.
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    options.autotune.enabled = False  # Also for the strategy's wrapper pipeline (data.without_autotune says why).
     iterator = iter(self.strategy.experimental_distribute_dataset(dataset.with_options(options)))
     sums, count, start = dict.fromkeys(METRIC_NAMES, 0.0), 0, time.time()
     while self.step < end:
