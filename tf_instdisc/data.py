@@ -428,19 +428,7 @@ def make_train_dataset(source: DataSource, cfg: config_lib.DataConfig, augment_c
     return {**example, **views}
 
   ds = ds.map(train_view, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  return without_autotune(ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
-
-
-def without_autotune(dataset: tf.data.Dataset) -> tf.data.Dataset:
-  """The dataset with tf.data's autotuning off: AUTOTUNE parallelism is then min(16, CPU cores), fixed.
-
-  Destroying an iterator waits for its autotune thread, which sleeps between optimisation rounds for up to a
-  minute: on our 2-core machines that cost 2-50 s at the end of every epoch (py-spy: the main thread in
-  ~RootDataset::Iterator, waiting on Model::OptimizeLoop), a third of a Fashion-MNIST epoch.
-  """
-  options = tf.data.Options()
-  options.autotune.enabled = False
-  return dataset.with_options(options)
+  return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 
 def make_eval_dataset(split: Split, augment_cfg: config_lib.AugmentConfig, *, image_size: int,
@@ -456,7 +444,7 @@ def make_eval_dataset(split: Split, augment_cfg: config_lib.AugmentConfig, *, im
     return {**example, IMAGE_KEY: image}
 
   ds = with_instance_ids(split).map(eval_view, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  return without_autotune(ds.batch(batch_size).prefetch(tf.data.AUTOTUNE))
+  return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
 def load_labels(split: Split) -> np.ndarray:
