@@ -4,7 +4,7 @@
   python bench/replica_bench.py --quick         # a CI smoke run (tests/replica_bench_test.py)
 
 One process: the CPU is split into 2 logical devices, then, interleaved repeat by repeat, the library's own step
-(train_lib.build_state / make_train_step / make_train_loop) runs under a one-device strategy and under a
+(train_lib.build_state / the model's train_step / make_train_loop) runs under a one-device strategy and under a
 2-replica MirroredStrategy on the same global batch (synthetic batches, distinct ids, so the input costs ~0).
 Beside them, under the 2-replica strategy: the bank write alone with the all-gather of (ids, features) that keeps
 the replicas identical, and the same write of each replica's own rows without the gather; their difference is the
@@ -94,7 +94,7 @@ def measure() -> dict:
     with strategy.scope():
       state = train_lib.build_state(cfg, num_instances=_BANK_ROWS.value,
                                     input_shape=(_IMAGE_SIZE.value, _IMAGE_SIZE.value, 3), steps_per_epoch=1000)
-    loop = train_lib.make_train_loop(train_lib.make_train_step(state, cfg, global_batch_size=batch), strategy)
+    loop = train_lib.make_train_loop(state.model, strategy)
     iterator = iter(strategy.experimental_distribute_dataset(_batches(4)))
     runs[replicas] = (state, lambda loop=loop, iterator=iterator: float(loop(iterator, tf.constant(steps))["loss"]))
 

@@ -4,9 +4,10 @@
   python bench/train_step_bench.py --quick             # a CI smoke run (convnet_small, 1,000-row bank)
 
 Each configuration (arch x precision x bank rows x objective) runs the library's own step: train_lib.build_state,
-make_train_step and make_train_loop under a one-device strategy, fed synthetic batches (input cost ~0). Beside it,
-in the same process and interleaved repeat by repeat, runs an encoder-only step: the same model and SGD with a
-trivial loss (mean of the embedding) and no bank. The head+bank share is 1 - t(encoder-only) / t(full step).
+InstanceDiscrimination.train_step in make_train_loop under a one-device strategy, fed synthetic batches (input cost
+~0). Beside it, in the same process and interleaved repeat by repeat, runs an encoder-only step: the same
+model and SGD with a trivial loss (mean of the embedding) and no bank. The head+bank share is
+1 - t(encoder-only) / t(full step).
 TensorFlow is imported inside the functions that use it, after the flags are checked (as train.py does), so a bad
 flag is answered at once. bench/README.md says what is printed and how to read it.
 """
@@ -183,8 +184,7 @@ def make_encoder_step(state, cfg: config_lib.Config, *, global_batch_size: int) 
       l2 = 0.5 * cfg.optim.weight_decay * tf.add_n([tf.reduce_sum(tf.square(v)) for v in variables])
       scaled = state.optimizer.scale_loss(loss + tf.nn.scale_regularization_loss(l2))
     state.optimizer.apply_gradients(zip(tape.gradient(scaled, variables), variables))
-    zero = tf.constant(0.0)
-    return {"loss": loss, "normalizer": zero, "positive_similarity": zero}
+    state.model.trackers["loss"].update_state(loss)
 
   return encoder_step
 
@@ -192,11 +192,11 @@ def make_encoder_step(state, cfg: config_lib.Config, *, global_batch_size: int) 
 class Runner:
   """A train loop (train_lib.make_train_loop) on its own iterator; times whole calls of it."""
 
-  def __init__(self, state, step_fn: Callable, strategy, dataset):
+  def __init__(self, state, step_fn: Callable | None, strategy, dataset):
     from tf_instdisc import train_lib
 
     self.state = state  # Owns the variables the loop updates.
-    self.loop = train_lib.make_train_loop(step_fn, strategy)
+    self.loop = train_lib.make_train_loop(state.model, strategy, step_fn)
     self.iterator = iter(strategy.experimental_distribute_dataset(dataset))
     self.steps_per_repeat = 0
 
@@ -225,10 +225,7 @@ def build_runner(cfg: config_lib.Config, strategy, *, num_instances: int, encode
   with strategy.scope():
     state = train_lib.build_state(cfg, num_instances=num_instances, input_shape=IMAGE_SHAPE,
                                   steps_per_epoch=max(num_instances // batch_size, 1))
-  if encoder_only:
-    step_fn = make_encoder_step(state, cfg, global_batch_size=batch_size)
-  else:
-    step_fn = train_lib.make_train_step(state, cfg, global_batch_size=batch_size)
+  step_fn = make_encoder_step(state, cfg, global_batch_size=batch_size) if encoder_only else None  # None: the model's.
   return Runner(state, step_fn, strategy, make_synthetic_dataset(batch_size, num_instances))
 
 

@@ -12,7 +12,7 @@ Restores the latest checkpoint of --model_dir (with the config.json it was train
   E/manifest.json            input, embedding size, dataset, collection, kNN k and temperature, versions, config
 
 The artifact is built beside E and renamed into place when complete: an interrupted export leaves no E (the next
-export removes its leftovers). tf_instdisc/artifact.py describes the layout; README.md shows how to serve it.
+export removes its leftovers). tf_instdisc/artifact.py describes the layout; docs/export.md shows how to serve it.
 """
 
 from __future__ import annotations

@@ -26,10 +26,10 @@ import tensorflow as tf
 import tf_instdisc
 from tf_instdisc import artifact
 from tf_instdisc import backbones
-from tf_instdisc import checkpointing
 from tf_instdisc import config as config_lib
 from tf_instdisc import data as data_lib
 from tf_instdisc import distribute
+from tf_instdisc import features
 from tf_instdisc import index as index_lib
 from tf_instdisc import model as model_lib
 from tf_instdisc import search
@@ -74,10 +74,7 @@ class ArtifactTest(tf.test.TestCase):
     train_lib.run(cls.cfg, distribute.make_strategy("one_device"))
     cls.export_dir = artifact.write_export(cls.model_dir, os.path.join(cls.tmp, "export"), recall_queries=16)
     cls.exported = tf_instdisc.load(cls.export_dir)
-    trained = model_lib.build_embedding_model(cls.cfg.model.arch, (28, 28, 1), seed=cls.cfg.train.seed,
-                                              embedding_dim=cls.cfg.model.embedding_dim)
-    checkpointing.restore_model(trained, cls.model_dir)
-    cls.backbone = model_lib.backbone_of(trained)
+    cls.backbone = model_lib.backbone_of(features.load_run(cls.model_dir).model)
     with open(os.path.join(cls.export_dir, "backbone", "backbone.json")) as f:
       cls.backbone_info = json.load(f)
 

@@ -31,7 +31,7 @@ class RoundTripTest(tf.test.TestCase):
     saved = _state(cfg)
     saved.bank.bank.assign(tf.random.stateless_normal([64, 16], seed=[1, 2]))
     saved.bank.normalizer.assign(123.25)
-    saved.optimizer.iterations.assign(17)
+    saved.model.step.assign(17)
     for variable in saved.optimizer.variables:
       if "float" in str(variable.dtype):
           variable.assign(tf.random.stateless_normal(variable.shape, seed=[3, 4], dtype=variable.dtype))
@@ -44,7 +44,7 @@ class RoundTripTest(tf.test.TestCase):
     self.assertEndsWith(path, "ckpt-17")
     self.assertAllEqual(restored.bank.bank, saved.bank.bank)
     self.assertEqual(float(restored.bank.normalizer), 123.25)
-    self.assertEqual(int(restored.optimizer.iterations), 17)
+    self.assertEqual(int(restored.model.step), 17)
     for mine, theirs in zip(restored.model.weights, saved.model.weights, strict=True):
       self.assertAllEqual(mine, theirs)
     for mine, theirs in zip(restored.optimizer.variables, saved.optimizer.variables, strict=True):
@@ -70,13 +70,23 @@ class RoundTripTest(tf.test.TestCase):
       checkpointing.restore_or_initialize(other)
 
 
+def _digest(directory):
+  """{relative path: bytes} of every file under directory."""
+  files = {}
+  for root, _, names in os.walk(directory):
+    for name in names:
+      with open(os.path.join(root, name), "rb") as f:
+        files[os.path.relpath(os.path.join(root, name), directory)] = f.read()
+  return files
+
+
 class ModelOnlyRestoreTest(tf.test.TestCase):
   """restore_model and read_config: what export and evaluation use to reopen a finished run."""
 
   def test_restores_the_model_weights_and_reports_the_step(self):
     model_dir = self.create_tempdir().full_path
     saved = _state(testing.tiny_config(model_dir))
-    saved.optimizer.iterations.assign(42)
+    saved.model.step.assign(42)
     checkpointing.make_manager(saved.checkpoint, model_dir, max_to_keep=1).save(checkpoint_number=42)
     model = _state(testing.tiny_config(model_dir, seed=5)).model  # Other initial weights.
     path, step = checkpointing.restore_model(model, model_dir)
@@ -84,6 +94,23 @@ class ModelOnlyRestoreTest(tf.test.TestCase):
     self.assertEqual(step, 42)
     for mine, theirs in zip(model.weights, saved.model.weights, strict=True):
       self.assertAllEqual(mine, theirs)
+
+  def test_a_model_dir_of_version_0_1_is_refused_with_what_to_do(self):
+    # 0.1 checkpointed a functional model beside a separate bank module: "bank/bank/..." at the top level.
+    model_dir = self.create_tempdir().full_path
+    legacy = tf.Module()
+    legacy.bank = tf.Variable(tf.zeros([64, 16]))
+    tf.train.CheckpointManager(tf.train.Checkpoint(bank=legacy), os.path.join(model_dir, "checkpoints"),
+                               max_to_keep=1).save(checkpoint_number=4)
+    before = _digest(model_dir)
+    state = _state(testing.tiny_config(model_dir))
+    for attempt in (lambda: checkpointing.restore_model(state.model, model_dir),
+                    lambda: checkpointing.restore_or_initialize(
+                        checkpointing.make_manager(state.checkpoint, model_dir, max_to_keep=1)),
+                    lambda: checkpointing.check_resume(model_dir, {"num_instances": 64, "embedding_dim": 16})):
+      with self.assertRaisesRegex(ValueError, r"ckpt-4 was written by tf_instdisc 0\.1.*new --model_dir"):
+        attempt()
+    self.assertEqual(_digest(model_dir), before)
 
   def test_no_checkpoint_names_model_dir(self):
     model = _state(testing.tiny_config()).model

@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
 
+from tf_instdisc import checkpointing
 from tf_instdisc import distribute
 
 
@@ -92,7 +93,7 @@ def _free_ports(count: int) -> list[int]:
 
 
 class MultiWorkerTest(tf.test.TestCase):
-  """Two worker processes on localhost under MultiWorkerMirroredStrategy (the README's local launch)."""
+  """Two worker processes on localhost under MultiWorkerMirroredStrategy (docs/distributed.md's local launch)."""
 
   def _start_workers(self, tmp: str, model_dir: str, epochs: int, tag: str = "") -> list[subprocess.Popen]:
     cluster = {"worker": [f"localhost:{port}" for port in _free_ports(2)]}
@@ -171,7 +172,7 @@ class MultiWorkerTest(tf.test.TestCase):
     self.assertEqual(float(w0["normalizer"]), float(w1["normalizer"]))
     latest = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
     self.assertEndsWith(latest, "ckpt-8")
-    self.assertAllEqual(tf.train.load_variable(latest, "bank/bank/.ATTRIBUTES/VARIABLE_VALUE"), w0["bank"])
+    self.assertAllEqual(tf.train.load_variable(latest, checkpointing.BANK_KEY), w0["bank"])
     self.assertEqual(sorted(os.listdir(model_dir)), ["checkpoints", "config.json", "final_metrics.json",
                                                       "metrics.jsonl", "run.json", "train"])  # No scratch left.
 

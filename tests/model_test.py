@@ -1,7 +1,7 @@
 """The embedding model: unit-norm float32 embeddings of the requested size under every policy; the parametric
 classifier; --mixed_precision resolution."""
 
-from tests import testing  # noqa: F401  # First: splits the CPU before TensorFlow starts.
+from tests import testing  # First: splits the CPU before TensorFlow starts.
 
 # isort: split
 
@@ -109,7 +109,9 @@ class EmbeddingModelTest(tf.test.TestCase, parameterized.TestCase):
 class InstanceClassifierTest(tf.test.TestCase):
 
   def test_shape_and_weights(self):
-    classifier = model_lib.build_instance_classifier(500, 16)
+    model = model_lib.build_model(testing.tiny_config(objective="parametric", embedding_dim=16), num_instances=500,
+                                  input_shape=(8, 8, 1))
+    classifier = model.classifier
     self.assertTrue(classifier.built)
     self.assertFalse(classifier.use_bias)
     self.assertLen(classifier.trainable_weights, 1)

@@ -1,4 +1,4 @@
-"""Smoke test of bench/replica_bench.py --quick: it runs, and writes the JSON it promises (numbers: README)."""
+"""Smoke test of bench/replica_bench.py --quick: it runs and writes the JSON it promises (numbers: docs/)."""
 
 from __future__ import annotations
 

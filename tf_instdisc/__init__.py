@@ -1,13 +1,34 @@
 """tf_instdisc: unsupervised feature learning by non-parametric instance discrimination (Wu et al., CVPR 2018).
 
-Modules (one concept each): config, data, augment, backbones, model, memory_bank, objectives, distribute,
-schedules, checkpointing, knn, train_lib, export, index, artifact, search; for evaluation features, linear_probe,
-finetune, evaluation, results, ablation, tsne, plots. Import modules directly, e.g.
-`from tf_instdisc import train_lib`; this package file imports nothing at import time, so `import tf_instdisc`
-stays cheap and free of side effects.
+The method as one Keras model: `tf_instdisc.InstanceDiscrimination(encoder, num_instances)`, with
+`tf_instdisc.with_instance_ids(dataset)`, the callbacks `tf_instdisc.KnnMonitor` and `tf_instdisc.Throughput`, and
+`tf_instdisc.export_model(model, images, export_dir)`; these load TensorFlow on first use.
+
+Modules (one concept each): instance_discrimination (the method), callbacks, config, data, augment, backbones,
+model, memory_bank, objectives, distribute, schedules, checkpointing, knn, train_lib, export, index, artifact,
+search; for evaluation features, linear_probe, finetune, evaluation, results, ablation, tsne, plots. Import modules
+directly, e.g. `from tf_instdisc import train_lib`; this package file imports nothing at import time.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+# Imported on first use (PEP 562), so `import tf_instdisc` stays cheap and loads TensorFlow only when needed.
+_LAZY = {
+    "InstanceDiscrimination": ("tf_instdisc.instance_discrimination", "InstanceDiscrimination"),
+    "with_instance_ids": ("tf_instdisc.instance_discrimination", "with_instance_ids"),
+    "KnnMonitor": ("tf_instdisc.callbacks", "KnnMonitor"),
+    "Throughput": ("tf_instdisc.callbacks", "Throughput"),
+    "export_model": ("tf_instdisc.artifact", "export_model"),
+}
+
+
+def __getattr__(name: str):
+  if name not in _LAZY:
+    raise AttributeError(f"module 'tf_instdisc' has no attribute {name!r}")
+  import importlib
+
+  module, attribute = _LAZY[name]
+  return getattr(importlib.import_module(module), attribute)
 
 
 def load(export_dir: str, *, use_scann: bool = True):

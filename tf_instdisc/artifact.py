@@ -20,7 +20,8 @@ Layout of an export dir E (written by export/export.py):
 An export is built in a sibling staging dir and renamed into place only when complete (`commit`), so E either does
 not exist or holds a full artifact; `read_manifest` also checks every file against the manifest's sizes, so a copy
 cut short is refused with the file named. The ScaNN index needs `import scann`; without it `load` falls back to
-exact search over embeddings.npy. `write_export` is the whole export (export/export.py is its command line).
+exact search over embeddings.npy. `write_export` is the whole export of a train.py model dir (export/export.py is
+its command line); `export_model` writes the same artifact (without backbone/) for a model trained in Python.
 """
 
 from __future__ import annotations
@@ -238,44 +239,68 @@ def write_export(model_dir: str, export_dir: str, *, overwrite: bool = False, ve
   collection = export_lib.Collection(embeddings, ids, labels if labelled else None, source.num_classes)
   spec = export_lib.ServingSpec(image_shape=tuple(source.image_shape), model_size=size,
                                 crop_fraction=cfg.augment.eval_crop_fraction)
+
+  def held_out_queries() -> np.ndarray | None:  # Collection rows would find themselves.
+    if not recall_queries or source.eval is None:
+      return None
+    return knn.embed_split(model, data_lib.take_first(source.eval, recall_queries), cfg.augment,
+                           image_size=size, batch_size=batch_size)[0]
+
+  def backbone_writer(directory: str) -> dict[str, Any]:
+    return write_backbone(directory, model_lib.backbone_of(model), arch=cfg.model.arch,
+                          input_shape=(size, size, source.image_shape[2]), step=step)
+
+  return _write_artifact(
+      export_dir, model, spec, collection, overwrite=overwrite, version=step if version is None else version,
+      index=index, knn_k=knn_k, temperature=temperature, queries=held_out_queries, recall_queries=recall_queries,
+      backbone_writer=backbone_writer if backbone else None, paths=source.train.files, start=start, manifest={
+          "dataset": cfg.data.dataset, "embedding_dim": cfg.model.embedding_dim,
+          "collection": {"size": len(embeddings), "source": "train split, clean views, final network",
+                         "labelled": labelled, "num_classes": source.num_classes,
+                         "class_names": list(source.class_names), "has_paths": bool(source.train.files)},
+          "checkpoint": {"path": checkpoint, "step": step, "model_dir": os.path.abspath(model_dir)},
+          "config": config_lib.to_dict(cfg)})
+
+
+def _write_artifact(export_dir: str, model: keras.Model, spec: export_lib.ServingSpec,
+                    collection: export_lib.Collection, *, overwrite: bool, version: int, index: str, knn_k: int,
+                    temperature: float, queries, recall_queries: int, backbone_writer, paths: Sequence[str] | None,
+                    start: float, manifest: dict[str, Any]) -> str:
+  """Builds the SavedModel, the index and (with backbone_writer) the backbone in a staging dir beside export_dir,
+  writes the manifest last and commits; on any failure nothing is left behind and export_dir is untouched.
+
+  `queries` is a callable giving held-out query embeddings for the index's recall (or None: then a seeded sample
+  of collection rows); `manifest` holds the entries that depend on where the model came from.
+  """
+  embeddings = collection.embeddings
   staging = staging_dir(export_dir)
   try:
     archive = export_lib.build_archive(model, spec, collection, k=knn_k, temperature=temperature)
     export_lib.write_saved_model(archive, os.path.join(staging, SAVED_MODEL_DIR, str(version)))
-    backbone_info = None
-    if backbone:
-      backbone_info = write_backbone(os.path.join(staging, BACKBONE_DIR), model_lib.backbone_of(model),
-                                     arch=cfg.model.arch, input_shape=(size, size, source.image_shape[2]), step=step)
+    backbone_info = backbone_writer(os.path.join(staging, BACKBONE_DIR)) if backbone_writer else None
     index_dir = os.path.join(staging, INDEX_DIR)
-    write_collection(index_dir, embeddings=embeddings, ids=ids, labels=collection.labels, paths=source.train.files)
+    write_collection(index_dir, embeddings=embeddings, ids=collection.ids, labels=collection.labels, paths=paths)
     index_info = {"kind": "none", "settings": None}
     if index == "scann":
-      if recall_queries and source.eval is not None:  # Held-out queries: collection rows would find themselves.
-        queries = knn.embed_split(model, data_lib.take_first(source.eval, recall_queries), cfg.augment,
-                                  image_size=size, batch_size=batch_size)[0]
-      else:
+      held_out = queries() if queries is not None else None
+      if held_out is None:
         rows = np.random.default_rng(0).permutation(len(embeddings))[:recall_queries]
-        queries = embeddings[rows]
-      index_info = _build_index(embeddings, queries, os.path.join(index_dir, SCANN_DIR), k=knn_k)
+        held_out = embeddings[rows]
+      index_info = _build_index(embeddings, held_out, os.path.join(index_dir, SCANN_DIR), k=knn_k)
     write_manifest(staging, {
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "inputs": {
             export_lib.IMAGES: {"shape": [None, *spec.image_shape], "dtype": "float32", "range": [0, 255]},
             export_lib.IMAGE_BYTES: {"shape": [None], "dtype": "string", "formats": ["jpeg", "png", "gif", "bmp"]},
         },
-        "model_input_size": size, "eval_crop_fraction": spec.crop_fraction,
-        "embedding_dim": cfg.model.embedding_dim, "dataset": cfg.data.dataset,
-        "collection": {"size": len(embeddings), "source": "train split, clean views, final network",
-                       "labelled": labelled, "num_classes": source.num_classes,
-                       "class_names": list(source.class_names), "has_paths": bool(source.train.files)},
+        "model_input_size": spec.model_size, "eval_crop_fraction": spec.crop_fraction,
         "knn": {"k": knn_k, "temperature": temperature},
         "saved_model": {"version": version, "tag": export_lib.SAVED_MODEL_TAG,
                         "signatures": list(export_lib.SIGNATURES)},
         "index": index_info,
         "backbone": backbone_info,
-        "checkpoint": {"path": checkpoint, "step": step, "model_dir": os.path.abspath(model_dir)},
         "versions": _versions(),
-        "config": config_lib.to_dict(cfg),
+        **manifest,
     })
     commit(staging, export_dir, overwrite=overwrite)
   except BaseException:  # KeyboardInterrupt too: leave nothing half-written behind.
@@ -284,6 +309,76 @@ def write_export(model_dir: str, export_dir: str, *, overwrite: bool = False, ve
   logging.info("exported %s in %.0f s: SavedModel version %d, %d items, index %s", export_dir, time.time() - start,
                version, len(embeddings), index_info["kind"])
   return export_dir
+
+
+def export_model(model: keras.Model, images: np.ndarray, export_dir: str, *, labels: np.ndarray | None = None,
+                 class_names: Sequence[str] = (), queries: np.ndarray | None = None, knn_k: int = 200,
+                 knn_temperature: float = 0.07, index: str = "scann", overwrite: bool = False,
+                 version: int | None = None, batch_size: int = _BATCH) -> str:
+  """Exports a model trained in Python (e.g. InstanceDiscrimination with fit), without a train.py model dir: the
+  same artifact as export/export.py (SavedModel signatures, index, manifest), without the backbone/ files.
+
+  Args:
+    model: an InstanceDiscrimination model (its embedding layers are exported, not the bank) or any Keras model
+      images float [B, H, W, C] in [0, 255] -> unit-norm embeddings [B, D].
+    images: the collection, float or uint8 pixels [N, H, W, C] with H == W (the model's input size); row i gets
+      id i.
+    export_dir: where to write; must not exist unless overwrite.
+    labels: int [N] class labels of the collection (the knn signatures then vote a label), or None.
+    class_names: names of the classes, when labelled.
+    queries: held-out images [Q, H, W, C] to measure the index's recall@10 (default: 1,000 collection rows).
+    knn_k: neighbours of the knn signatures (clipped to N).
+    knn_temperature: the vote's temperature.
+    index: "scann" or "none" (exact search).
+    overwrite: replace an existing export_dir once the new export is complete.
+    version: the SavedModel version; default the model's step counter (0 for other models).
+    batch_size: images per batch when embedding.
+
+  Returns:
+    The absolute export dir.
+
+  Raises:
+    ValueError: naming the argument (images, labels, index, export_dir).
+  """
+  start = time.time()
+  export_dir = os.path.abspath(export_dir)
+  if os.path.exists(export_dir) and not overwrite:
+    raise ValueError(f"export_dir: {export_dir} already exists; pass overwrite=True to replace it")
+  if index not in ("scann", "none"):
+    raise ValueError(f"index: got {index!r}, expected scann or none")
+  if index == "scann" and not index_lib.scann_available():
+    raise ValueError("index='scann' needs the scann package (pip install scann==1.4.2); or pass index='none'")
+  images = np.asarray(images)
+  if images.ndim != 4 or images.shape[1] != images.shape[2] or len(images) == 0:
+    raise ValueError(f"images: expected square images [N, S, S, C], got shape {images.shape}")
+  if labels is not None:
+    labels = np.asarray(labels, np.int64)
+    if labels.shape != (len(images),) or labels.min() < 0:
+      raise ValueError(f"labels: expected {len(images)} non-negative class ids, got shape {labels.shape}")
+  embedding_model = model.embedding_model(images.shape[1:]) if hasattr(model, "embedding_model") else model
+
+  def embed(pixels: np.ndarray) -> np.ndarray:
+    return np.asarray(embedding_model.predict(pixels.astype(np.float32), batch_size=batch_size, verbose=0),
+                      np.float32)
+
+  embeddings = embed(images)
+  num_classes = max(len(class_names), int(labels.max()) + 1) if labels is not None else 0
+  collection = export_lib.Collection(embeddings, np.arange(len(images), dtype=np.int64), labels, num_classes)
+  spec = export_lib.ServingSpec(image_shape=tuple(images.shape[1:]), model_size=int(images.shape[1]),
+                                crop_fraction=1.0)
+  step = int(model.step.numpy()) if hasattr(model, "step") else 0
+  settings = model.get_config() if hasattr(model, "embedding_model") else {}
+  settings.pop("encoder", None)
+  return _write_artifact(
+      export_dir, embedding_model, spec, collection, overwrite=overwrite,
+      version=step if version is None else version, index=index, knn_k=min(knn_k, len(images)),
+      temperature=knn_temperature, queries=None if queries is None else (lambda: embed(np.asarray(queries))),
+      recall_queries=1000, backbone_writer=None, paths=None, start=start, manifest={
+          "dataset": "custom", "embedding_dim": int(embeddings.shape[1]),
+          "collection": {"size": len(images), "source": "images given to export_model", "labelled": labels is not None,
+                         "num_classes": num_classes, "class_names": list(class_names), "has_paths": False},
+          "checkpoint": {"path": None, "step": step, "model_dir": None},
+          "model": {"class": type(model).__name__, "settings": config_lib.json_ready(settings)}})
 
 
 def _build_index(embeddings: np.ndarray, queries: np.ndarray, directory: str, *, k: int) -> dict[str, Any]:
@@ -396,6 +491,9 @@ class Export:
     if self.paths is not None:
       return {row: tf.io.decode_image(tf.io.read_file(self.paths[row]), channels=channels,
                                       expand_animations=False).numpy() for row in wanted}
+    if "config" not in self.manifest:
+      raise ValueError(f"{self.export_dir} was exported from Python (export_model) without image files or a "
+                       "dataset config: its collection images are not in the export")
     cfg = config_lib.from_dict(self.manifest["config"])
     data_cfg = dataclasses.replace(cfg.data, max_train_examples=self.manifest["collection"]["size"])
     split = data_lib.load_source(data_cfg).train

@@ -1,4 +1,5 @@
-"""One checkpoint of everything that is state (model, optimizer and its step, bank, Z, parametric classifier).
+"""One checkpoint of everything that is state: the InstanceDiscrimination model (weights, bank, Z, its step counter,
+the parametric classifier) and the optimizer.
 
 Built by `make_checkpoint`, restored by `restore_or_initialize`: one path, no partial restores on resume. Before a
 resume, `check_resume` compares the run in the model dir with the one being started and refuses to mix them.
@@ -17,16 +18,28 @@ from tf_instdisc import config as config_lib
 CHECKPOINT_SUBDIR = "checkpoints"
 CONFIG_FILE = "config.json"  # The run's full config (config_lib.to_dict), rewritten at every start.
 RUN_FILE = "run.json"  # What a checkpoint in this dir must match: dataset, size, arch, embedding_dim, objective.
-BANK_KEY = "bank/bank/.ATTRIBUTES/VARIABLE_VALUE"
-STEP_KEY = "optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"
+BANK_KEY = "model/memory_bank/rows/.ATTRIBUTES/VARIABLE_VALUE"
+STEP_KEY = "model/step/.ATTRIBUTES/VARIABLE_VALUE"
+# Checkpoints of tf_instdisc 0.1 (a functional embedding model beside a separate bank module) have this key.
+LEGACY_BANK_KEY = "bank/bank/.ATTRIBUTES/VARIABLE_VALUE"
 
 
-def make_checkpoint(*, model, optimizer, bank, classifier=None) -> tf.train.Checkpoint:
+def make_checkpoint(*, model, optimizer) -> tf.train.Checkpoint:
   """The run's single checkpoint object. The optimizer must already be built (its slots exist)."""
-  state = {"model": model, "optimizer": optimizer, "bank": bank}
-  if classifier is not None:
-    state["classifier"] = classifier
-  return tf.train.Checkpoint(**state)
+  return tf.train.Checkpoint(model=model, optimizer=optimizer)
+
+
+def refuse_legacy(path: str) -> None:
+  """Raises ValueError naming checkpoint `path` when tf_instdisc 0.1 wrote it (it cannot restore into 0.2)."""
+  try:
+    names = tf.train.load_checkpoint(path).get_variable_to_shape_map()
+  except (tf.errors.OpError, ValueError):
+    return  # Unreadable: the restore that follows names it.
+  if LEGACY_BANK_KEY in names and BANK_KEY not in names:
+    raise ValueError(
+        f"checkpoint {path} was written by tf_instdisc 0.1, before the InstanceDiscrimination model: its layout "
+        "does not restore into this version. Train afresh in a new --model_dir, or export or evaluate this one "
+        "with tf_instdisc 0.1 (git checkout eb158d9).")
 
 
 def make_manager(checkpoint: tf.train.Checkpoint, model_dir: str, *, max_to_keep: int) -> tf.train.CheckpointManager:
@@ -44,6 +57,7 @@ def restore_or_initialize(manager: tf.train.CheckpointManager) -> str | None:
   path = manager.latest_checkpoint
   if path is None:
     return None
+  refuse_legacy(path)
   try:
     manager.checkpoint.restore(path).assert_existing_objects_matched()
   except (tf.errors.OpError, AssertionError, ValueError, IndexError) as e:  # IndexError: a truncated data file.
@@ -68,7 +82,8 @@ def read_config(model_dir: str) -> config_lib.Config:
 
 
 def restore_model(model, model_dir: str) -> tuple[str, int]:
-  """Restores only the model's weights from the latest checkpoint in model_dir (export and evaluation use this).
+  """Restores the InstanceDiscrimination model (not the optimizer) from the latest checkpoint in model_dir
+  (export and evaluation use this).
 
   Returns:
     (checkpoint path, the training step it was taken at).
@@ -80,6 +95,7 @@ def restore_model(model, model_dir: str) -> tuple[str, int]:
   path = tf.train.latest_checkpoint(directory)
   if path is None:
     raise ValueError(f"--model_dir: no checkpoint in {directory}")
+  refuse_legacy(path)
   try:
     tf.train.Checkpoint(model=model).restore(path).expect_partial().assert_existing_objects_matched()
     step = int(tf.train.load_variable(path, STEP_KEY))
@@ -123,6 +139,7 @@ def check_resume(model_dir: str, identity: dict[str, Any]) -> None:
   latest = tf.train.latest_checkpoint(os.path.join(model_dir, CHECKPOINT_SUBDIR))
   if latest is None:
     return
+  refuse_legacy(latest)
   shapes = tf.train.load_checkpoint(latest).get_variable_to_shape_map()
   expected = [identity["num_instances"], identity["embedding_dim"]]
   if BANK_KEY in shapes and list(shapes[BANK_KEY]) != expected:

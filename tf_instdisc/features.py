@@ -57,13 +57,15 @@ def load_run(model_dir: str, *, untrained: bool = False) -> TrainedRun:
                                                     validation_examples=0))
   size = data_lib.resolve_image_size(source, cfg.data.image_size)
   input_shape = (size, size, source.image_shape[2])
-  model = model_lib.build_embedding_model(cfg.model.arch, input_shape, embedding_dim=cfg.model.embedding_dim,
-                                          policy="float32", seed=cfg.train.seed,
-                                          head_batchnorm=cfg.model.head_batchnorm)
+  # The whole InstanceDiscrimination model (its bank too: the checkpoint's layout), in float32 and without
+  # cross-replica batch norm; evaluation and export use its embedding layers only.
+  cfg_float32 = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, sync_batchnorm=False))
+  num_instances = 1 if untrained else int(checkpointing.read_run_identity(model_dir)["num_instances"])
+  model = model_lib.build_model(cfg_float32, num_instances=num_instances, input_shape=input_shape, policy="float32")
   if untrained:
-    return TrainedRun(cfg, model, input_shape, checkpoint="untrained", step=0)
+    return TrainedRun(cfg, model.embedding_model(input_shape), input_shape, checkpoint="untrained", step=0)
   checkpoint, step = checkpointing.restore_model(model, model_dir)
-  return TrainedRun(cfg, model, input_shape, checkpoint=checkpoint, step=step)
+  return TrainedRun(cfg, model.embedding_model(input_shape), input_shape, checkpoint=checkpoint, step=step)
 
 
 def stage_layers(backbone: keras.Model) -> dict[str, str]:

@@ -5,10 +5,14 @@ Shapes: B = rows per call, N = num_instances, D = embedding_dim, K = num_negativ
 updates are computed in float32, then rounded once on the write. Z is float32. Create the bank inside
 `strategy.scope()`: every replica then holds a copy, and the train step keeps them identical by applying the same
 all-gathered update on each (DESIGN.md).
+
+The bank is a Keras layer, so a keras.Model that owns it (InstanceDiscrimination) saves it in `.keras` files and
+in tf.train checkpoints alike; `bank` and `normalizer` are the underlying tf.Variables (mirrored under a strategy).
 """
 
 from __future__ import annotations
 
+import keras
 import tensorflow as tf
 
 from tf_instdisc import distribute
@@ -22,27 +26,50 @@ def random_unit_rows(num_rows: int, dim: int, *, seed: int) -> tf.Tensor:
   return tf.math.l2_normalize(rows, axis=1)
 
 
-class MemoryBank(tf.Module):
-  """Owns the bank variable and the normaliser Z; both are checkpointed through this object."""
+class MemoryBank(keras.layers.Layer):
+  """Owns the bank variable and the normaliser Z; both are saved through this layer."""
 
-  def __init__(self, num_instances: int, embedding_dim: int, *, seed: int, dtype: str = "float32",
-               name: str = "memory_bank"):
-    super().__init__(name=name)
+  def __init__(self, num_instances: int, embedding_dim: int, *, seed: int = 0, dtype: str = "float32",
+               name: str = "memory_bank", **kwargs):
+    super().__init__(name=name, dtype="float32", **kwargs)
     self.num_instances = num_instances
     self.embedding_dim = embedding_dim
-    self.dtype = tf.as_dtype(dtype)
+    self.seed = seed
+    self.storage_dtype = tf.as_dtype(dtype)
     # aggregation NONE + ON_WRITE: every replica owns a copy and updates it itself, in place (DESIGN.md).
-    self.bank = tf.Variable(
-        tf.cast(random_unit_rows(num_instances, embedding_dim, seed=seed), self.dtype), trainable=False, name="bank",
-        synchronization=tf.VariableSynchronization.ON_WRITE, aggregation=tf.VariableAggregation.NONE)
+    self.rows = keras.Variable(
+        tf.cast(random_unit_rows(num_instances, embedding_dim, seed=seed), self.storage_dtype), trainable=False,
+        name="bank", autocast=False, synchronization="on_write", aggregation="none")
     # Every replica computes the same Z (it is all-reduced first), so the first replica's write is the value.
-    self.normalizer = tf.Variable(
-        UNSET_NORMALIZER, trainable=False, name="normalizer", dtype=tf.float32,
-        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+    self.z = keras.Variable(UNSET_NORMALIZER, trainable=False, name="normalizer", dtype="float32", autocast=False,
+                            aggregation="only_first_replica")
+    self.built = True
+
+  @property
+  def bank(self) -> tf.Variable:
+    """The bank [N, D]: the tf.Variable (a MirroredVariable under a strategy)."""
+    return self.rows.value
+
+  @property
+  def normalizer(self) -> tf.Variable:
+    """Z, float32 scalar; UNSET_NORMALIZER until the first NCE step sets it."""
+    return self.z.value
+
+  def get_config(self) -> dict:
+    return {**super().get_config(), "num_instances": self.num_instances, "embedding_dim": self.embedding_dim,
+            "seed": self.seed, "storage_dtype": self.storage_dtype.name}
+
+  @classmethod
+  def from_config(cls, config: dict) -> MemoryBank:
+    config = dict(config)
+    config.pop("dtype", None)
+    storage = config.pop("storage_dtype", "float32")
+    return cls(dtype=storage, **config)
 
   def initialize_from(self, features: tf.Tensor) -> None:
     """Overwrites every row (on every replica) with features [N, D] float32, unit norm; cross-replica context."""
-    self.bank.assign(tf.cast(tf.math.l2_normalize(tf.convert_to_tensor(features, tf.float32), axis=1), self.dtype))
+    rows = tf.math.l2_normalize(tf.convert_to_tensor(features, tf.float32), axis=1)
+    self.bank.assign(tf.cast(rows, self.storage_dtype))
 
   def lookup(self, ids: tf.Tensor) -> tf.Tensor:
     """Rows of the bank: ids int [...] in [0, N) -> float32 [..., D]."""
@@ -55,7 +82,7 @@ class MemoryBank(tf.Module):
     similarities carry its rounding (bfloat16: about 3 significant digits).
     """
     bank = distribute.local_variable(self.bank)
-    return tf.cast(tf.matmul(tf.cast(features, self.dtype), bank, transpose_b=True), tf.float32)
+    return tf.cast(tf.matmul(tf.cast(features, self.storage_dtype), bank, transpose_b=True), tf.float32)
 
   def as_float32(self) -> tf.Tensor:
     """The whole bank [N, D] as float32 (a copy when stored in reduced precision), e.g. as kNN keys."""
@@ -78,7 +105,7 @@ class MemoryBank(tf.Module):
     old_rows = tf.cast(tf.gather(local_bank, unique_ids), tf.float32)
     new_rows = tf.math.l2_normalize(momentum * old_rows + (1.0 - momentum) * mean_features, axis=1)
     # In place: a functional scatter + assign would copy the whole bank every step (177 ms at 1.28M rows).
-    local_bank.scatter_update(tf.IndexedSlices(tf.cast(new_rows, self.dtype), unique_ids))
+    local_bank.scatter_update(tf.IndexedSlices(tf.cast(new_rows, self.storage_dtype), unique_ids))
 
   def normalizer_is_set(self) -> tf.Tensor:
     return self.normalizer > 0.0

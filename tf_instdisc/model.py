@@ -1,4 +1,5 @@
-"""The embedding model (paper Sec. 3): backbone -> linear -> D -> L2 normalisation, and the parametric baseline.
+"""Models from a run's config: the InstanceDiscrimination model (build_model), the embedding alone
+(build_embedding_model: backbone -> linear -> D -> L2 normalisation, paper Sec. 3) and the precision policy.
 
 Shapes: B = batch, D = embedding_dim, N = num_instances. Input: float pixels [B, H, W, C] in [0, 255]. Output:
 float32 [B, D] with unit L2 norm, whatever the compute precision.
@@ -8,9 +9,10 @@ from __future__ import annotations
 
 import keras
 import tensorflow as tf
-from keras import layers
 
 from tf_instdisc import backbones
+from tf_instdisc import config as config_lib
+from tf_instdisc import instance_discrimination
 
 EMBEDDING_KEY = "embedding"
 _POLICIES = {"off": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
@@ -41,13 +43,41 @@ def resolve_policy(mixed_precision: str) -> str:
   return _POLICIES[mixed_precision]
 
 
+def build_model(cfg: config_lib.Config, *, num_instances: int, input_shape: tuple[int, int, int],
+                policy: str | None = None) -> instance_discrimination.InstanceDiscrimination:
+  """The run's InstanceDiscrimination model from its config: backbone --arch, head, bank, Z; built, not compiled.
+
+  Args:
+    cfg: a validated config.
+    num_instances: N, the bank's rows.
+    input_shape: (H, W, C).
+    policy: the backbone's Keras dtype policy; by default the one --mixed_precision resolves to.
+  """
+  policy = policy or resolve_policy(cfg.model.mixed_precision)
+  encoder = backbones.build_backbone(cfg.model.arch, input_shape, policy=policy, seed=cfg.train.seed,
+                                     sync_batchnorm=cfg.model.sync_batchnorm)
+  loss = cfg.loss
+  model = instance_discrimination.InstanceDiscrimination(
+      encoder, num_instances, embedding_dim=cfg.model.embedding_dim, objective=loss.objective,
+      num_negatives=loss.num_negatives, temperature=loss.temperature, bank_momentum=cfg.bank.bank_momentum,
+      proximal_lambda=cfg.bank.proximal_lambda, negative_sampling=loss.negative_sampling,
+      exclude_positive=loss.exclude_positive, normalizer_momentum=loss.normalizer_momentum, views=cfg.augment.views,
+      group_clusters=loss.group_clusters, group_weight=loss.group_weight, group_temperature=loss.group_temperature,
+      head_batchnorm=cfg.model.head_batchnorm, sync_batchnorm=cfg.model.sync_batchnorm,
+      weight_decay=cfg.optim.weight_decay, bank_dtype=cfg.bank.bank_dtype, seed=cfg.train.seed,
+      name=f"{cfg.model.arch.replace('.', '_')}_instance_discrimination")
+  if not model.built:
+    model.build((None, *input_shape))
+  return model
+
+
 def build_embedding_model(arch: str, input_shape: tuple[int, int, int], *, embedding_dim: int,
                           policy: str = "float32", seed: int = 0, head_batchnorm: bool = False,
                           sync_batchnorm: bool = False) -> keras.Model:
-  """Builds backbone -> Dense(embedding_dim) -> L2 normalise; the head and its output are float32.
+  """Builds backbone -> Dense(embedding_dim) -> L2 normalise (InstanceDiscrimination's layers, without a bank).
 
   Args:
-    arch: a key of backbones.BUILDERS.
+    arch: a --arch name (backbones.build_backbone).
     input_shape: (H, W, C).
     embedding_dim: D.
     policy: the backbone's Keras dtype policy.
@@ -56,33 +86,16 @@ def build_embedding_model(arch: str, input_shape: tuple[int, int, int], *, embed
     sync_batchnorm: every BatchNormalization takes its statistics over all replicas (ModelConfig).
 
   Returns:
-    A functional keras.Model, images [B, H, W, C] -> float32 [B, D], unit norm.
+    A functional keras.Model, images [B, H, W, C] -> float32 [B, D], unit norm; layers [input, backbone,
+    projection, (projection_bn,) l2_normalize].
   """
   backbone = backbones.build_backbone(arch, input_shape, policy=policy, seed=seed, sync_batchnorm=sync_batchnorm)
-  inputs = keras.Input(input_shape, name="images")
-  pooled = backbone(inputs)
-  # float32 head: the dot products with the bank and the temperature-scaled logits need the full mantissa.
-  projected = layers.Dense(embedding_dim, dtype="float32", name="projection",
-                           kernel_initializer=keras.initializers.GlorotUniform(seed=seed))(pooled)
-  if head_batchnorm:
-    projected = layers.BatchNormalization(momentum=0.9, epsilon=1e-5, dtype="float32", name="projection_bn",
-                                          synchronized=sync_batchnorm)(projected)
-  embeddings = layers.UnitNormalization(axis=-1, dtype="float32", name="l2_normalize")(projected)
-  return keras.Model(inputs, embeddings, name=f"{arch}_embedding")
+  model = instance_discrimination.InstanceDiscrimination(
+      backbone, 1, embedding_dim=embedding_dim, head_batchnorm=head_batchnorm, sync_batchnorm=sync_batchnorm,
+      seed=seed)
+  return model.embedding_model(input_shape)
 
 
 def backbone_of(model: keras.Model) -> keras.Model:
   """The backbone sub-model of an embedding model built by `build_embedding_model`."""
   return model.layers[1]
-
-
-def build_instance_classifier(num_instances: int, embedding_dim: int, *, seed: int = 0) -> layers.Dense:
-  """The parametric baseline's classifier: one trainable weight vector w_i per instance (paper Eq. 1).
-
-  Returns:
-    A built Dense layer without bias mapping features [B, D] -> logits [B, N].
-  """
-  classifier = layers.Dense(num_instances, use_bias=False, dtype="float32", name="instance_classifier",
-                            kernel_initializer=keras.initializers.RandomNormal(stddev=0.01, seed=seed))
-  classifier.build((None, embedding_dim))
-  return classifier

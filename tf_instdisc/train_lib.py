@@ -1,15 +1,13 @@
-"""The training loop: a named per-replica step, a multi-step tf.function, and the Python loop of side effects.
-
-Shapes: B = per-replica batch, G = global batch, N = num_instances, D = embedding_dim, K = num_negatives.
-The step reads the bank (positives, negatives) before it writes this batch's rows back: read, then write
-(paper Sec. 3.2). Epoch flags become steps here, once, because only here is the dataset size known.
+"""train.py's driver: a multi-step tf.function around InstanceDiscrimination.train_step (the method's one step,
+also what model.fit runs), and the Python loop of side effects: checkpoints, resume, the kNN monitor, metrics,
+summaries, time accounts, SIGTERM and lost workers. Epoch flags become steps here, once, because only here is the
+dataset size known.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -30,192 +28,70 @@ from tf_instdisc import data as data_lib
 from tf_instdisc import distribute
 from tf_instdisc import knn
 from tf_instdisc import memory_bank
+from tf_instdisc import instance_discrimination
 from tf_instdisc import model as model_lib
-from tf_instdisc import objectives
 from tf_instdisc import results as results_lib
 from tf_instdisc import schedules
 
-METRIC_NAMES = ("loss", "normalizer", "positive_similarity")
+METRIC_NAMES = instance_discrimination.METRIC_NAMES
 METRICS_FILE, FINAL_METRICS_FILE = results_lib.METRICS_FILE, results_lib.FINAL_METRICS_FILE
 
 
 @dataclasses.dataclass
 class TrainState:
-  """Everything a run owns; `checkpoint` holds all of it that is state."""
+  """Everything a run owns; `checkpoint` holds all of it that is state (the model's bank, Z and step among it)."""
 
-  model: keras.Model
-  bank: memory_bank.MemoryBank
+  model: instance_discrimination.InstanceDiscrimination
   optimizer: keras.optimizers.Optimizer
-  classifier: keras.layers.Layer | None
   checkpoint: tf.train.Checkpoint
 
   @property
+  def bank(self) -> memory_bank.MemoryBank:
+    return self.model.memory_bank
+
+  @property
+  def classifier(self) -> keras.layers.Layer | None:
+    return self.model.classifier
+
+  @property
   def trainable_variables(self) -> list[tf.Variable]:
-    extra = self.classifier.trainable_variables if self.classifier is not None else []
-    return list(self.model.trainable_variables) + list(extra)
+    return list(self.model.trainable_variables)
 
 
 def build_state(cfg: config_lib.Config, *, num_instances: int, input_shape: tuple[int, int, int],
                 steps_per_epoch: int) -> TrainState:
-  """Builds model, bank, optimizer (and classifier); call under strategy.scope()."""
+  """Builds and compiles the model (bank, Z, step and classifier in it) and its optimizer; call under
+  strategy.scope()."""
   policy = model_lib.resolve_policy(cfg.model.mixed_precision)
-  model = model_lib.build_embedding_model(cfg.model.arch, input_shape, embedding_dim=cfg.model.embedding_dim,
-                                          policy=policy, seed=cfg.train.seed, head_batchnorm=cfg.model.head_batchnorm,
-                                          sync_batchnorm=cfg.model.sync_batchnorm)
-  bank = memory_bank.MemoryBank(num_instances, cfg.model.embedding_dim, seed=cfg.train.seed,
-                                dtype=cfg.bank.bank_dtype)
-  classifier = None
-  if cfg.loss.objective == "parametric":
-    classifier = model_lib.build_instance_classifier(num_instances, cfg.model.embedding_dim, seed=cfg.train.seed)
+  model = model_lib.build_model(cfg, num_instances=num_instances, input_shape=input_shape, policy=policy)
   schedule = schedules.build_lr_schedule(cfg.optim, steps_per_epoch=steps_per_epoch, epochs=cfg.train.epochs)
   optimizer = keras.optimizers.SGD(learning_rate=schedule, momentum=cfg.optim.momentum)
   if policy == "mixed_float16":
     optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-  state = TrainState(model=model, bank=bank, optimizer=optimizer, classifier=classifier, checkpoint=None)
-  optimizer.build(state.trainable_variables)
-  state.checkpoint = checkpointing.make_checkpoint(model=model, optimizer=optimizer, bank=bank, classifier=classifier)
-  return state
+  model.compile(optimizer=optimizer)
+  optimizer.build(model.trainable_variables)
+  return TrainState(model=model, optimizer=optimizer,
+                    checkpoint=checkpointing.make_checkpoint(model=model, optimizer=optimizer))
 
 
-GROUP_ITERATIONS = 5  # k-means rounds of the group term: enough for a batch of a few hundred unit vectors.
+def make_train_loop(model: instance_discrimination.InstanceDiscrimination, strategy: tf.distribute.Strategy,
+                    step_fn: Callable | None = None) -> Callable:
+  """A tf.function running `num_steps` of the model's own train_step from a (distributed) iterator; returns the
+  metrics' means over those steps and over all replicas.
 
-
-def _negative_similarities(views: list[tf.Tensor], ids: tf.Tensor, *, bank: memory_bank.MemoryBank,
-                           cfg: config_lib.LossConfig, noise_seed: tf.Tensor, global_batch_size: int | None
-                           ) -> tuple[tf.Tensor, list[tf.Tensor]]:
-  """NCE noise ids [B, K] and each view's similarities to them [B, K]; every view meets the same noise rows."""
-  batch = tf.shape(ids)[0]
-  if cfg.negative_sampling == "shared":
-    shared = bank.sample_negatives([cfg.num_negatives], seed=noise_seed)  # [K]
-    noise_rows = bank.lookup(shared)  # [K, D]
-    return (tf.broadcast_to(shared[None], [batch, cfg.num_negatives]),
-            [tf.matmul(features, noise_rows, transpose_b=True) for features in views])
-  offset = distribute.replica_id() * batch  # This replica's first row in the global batch.
-  neg_ids = bank.sample_negatives([global_batch_size or batch, cfg.num_negatives], seed=noise_seed)
-  neg_ids = neg_ids[offset:offset + batch]  # [B, K]
-  noise_rows = bank.lookup(neg_ids)  # [B, K, D]
-  return neg_ids, [tf.einsum("bd,bkd->bk", features, noise_rows) for features in views]
-
-
-def _group_term(views: list[tf.Tensor], positives: tf.Tensor, cfg: config_lib.LossConfig, noise_seed: tf.Tensor
-                ) -> tf.Tensor:
-  """[B]: features classified against the k-means groups of another view of the batch (CLD-style), over the
-  global batch.
-
-  Two views: each view against the other's groups, averaged (CLD's cross-level term). One view: the features
-  against the groups of their own bank rows, the view of the same images the bank kept from earlier steps (no
-  second forward pass). k-means runs on all-gathered rows without gradient, so N replicas group as one device.
+  step_fn replaces the train_step (bench/train_step_bench.py's encoder-only baseline); it must update the
+  model's metrics itself.
   """
-  batch = tf.shape(views[0])[0]
-  offset = distribute.replica_id() * batch
-  targets = [views[1], views[0]] if len(views) == 2 else [positives]
-  terms = []
-  for index, (features, other) in enumerate(zip(views, targets)):
-    gathered = distribute.all_gather(tf.stop_gradient(other))  # [G, D]
-    seed = tf.random.experimental.stateless_fold_in(noise_seed, 1 + index)
-    centroids, assignments = objectives.spherical_kmeans(
-        gathered, num_clusters=cfg.group_clusters, iterations=GROUP_ITERATIONS, seed=seed)
-    terms.append(objectives.group_loss(features, centroids, assignments[offset:offset + batch],
-                                       temperature=cfg.group_temperature))
-  return tf.add_n(terms) / len(terms)
-
-
-def compute_objective(views: list[tf.Tensor], ids: tf.Tensor, *, bank: memory_bank.MemoryBank,
-                      classifier: keras.layers.Layer | None, cfg: config_lib.LossConfig, proximal_lambda: float,
-                      noise_seed: tf.Tensor, global_batch_size: int | None = None
-                      ) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
-  """Per-example loss [B] of the configured objective, reading (never writing) the bank; and diagnostics.
-
-  `views` holds one [B, D] feature per augmented view (1 or 2). With two, each view's loss counts the other view's
-  feature as a second positive and the per-example loss is the mean over both views (symmetric, Ye et al. 2019);
-  the group term (cfg.group_clusters > 0) is added with weight cfg.group_weight.
-
-  Noise draws depend on (noise_seed, position in the global batch) only, never on the replica count: every
-  replica draws the same shared K ids, or the same [global batch, K] block of which it takes its own rows. With
-  the same noise_seed on every replica, N replicas train exactly as one device on the same global batch.
-  """
-  positives = bank.lookup(ids)  # [B, D]
-  pos_similarity = [tf.reduce_sum(features * positives, axis=1) for features in views]  # each [B]
-  view_similarity = [None] * len(views)
-  if len(views) == 2:
-    view_similarity = [tf.reduce_sum(views[0] * views[1], axis=1)] * 2  # [B], f . f'
-  normalizer = tf.constant(0.0)
-  if cfg.objective == "nce":
-    neg_ids, neg_similarity = _negative_similarities(views, ids, bank=bank, cfg=cfg, noise_seed=noise_seed,
-                                                     global_batch_size=global_batch_size)
-    estimate = distribute.all_reduce_mean(objectives.estimate_normalizer(
-        pos_similarity[0], neg_similarity[0], temperature=cfg.temperature, num_instances=bank.num_instances))
-    normalizer = bank.maybe_set_normalizer(estimate, momentum=cfg.normalizer_momentum)
-    logits = functools.partial(objectives.nce_logits, temperature=cfg.temperature,
-                               num_instances=bank.num_instances, num_negatives=cfg.num_negatives,
-                               normalizer=normalizer)
-    neg_mask = tf.not_equal(neg_ids, tf.cast(ids, tf.int64)[:, None]) if cfg.exclude_positive else None
-    per_view = [objectives.nce_loss(logits(pos), logits(neg), neg_mask=neg_mask,
-                                    view_logits=None if view is None else logits(view))
-                for pos, neg, view in zip(pos_similarity, neg_similarity, view_similarity)]
-  elif cfg.objective == "softmax":
-    per_view = [objectives.softmax_instance_loss(bank.similarities(features), ids, temperature=cfg.temperature,
-                                                 view_similarity=view)  # logits [B, N]
-                for features, view in zip(views, view_similarity)]
-  else:  # parametric: w_i . f, no temperature (paper Eq. 1); the weights' norm sets the scale.
-    per_view = [objectives.softmax_instance_loss(classifier(features), ids, temperature=1.0) for features in views]
-  per_example = tf.add_n(per_view) / len(views)
-  if cfg.group_clusters:
-    per_example += cfg.group_weight * _group_term(views, positives, cfg, noise_seed)
-  if proximal_lambda > 0.0:
-    per_example += tf.add_n([objectives.proximal_loss(features, positives, proximal_lambda=proximal_lambda)
-                             for features in views]) / len(views)
-  return per_example, {"normalizer": normalizer, "positive_similarity": tf.reduce_mean(pos_similarity[0])}
-
-
-def make_train_step(state: TrainState, cfg: config_lib.Config, *, global_batch_size: int) -> Callable:
-  """Returns the per-replica step: batch dict -> {name: scalar} (METRIC_NAMES); run it under strategy.run."""
-  variables = state.trainable_variables
-  weight_decay = cfg.optim.weight_decay
-  view_keys = (data_lib.IMAGE_KEY, data_lib.SECOND_VIEW_KEY)[:cfg.augment.views]
-
-  def train_step(batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-    ids = batch[data_lib.ID_KEY]  # [B] int64
-    step = tf.cast(state.optimizer.iterations, tf.int64)
-    noise_seed = tf.stack([tf.constant(cfg.train.seed, tf.int64), step])  # The same on every replica.
-    with tf.GradientTape() as tape:
-      # Both views go through the network as one batch [V*B, ...]: one pass, batch statistics over both.
-      images = tf.concat([batch[key] for key in view_keys], axis=0)
-      views = tf.split(tf.cast(state.model(images, training=True), tf.float32), len(view_keys))  # each [B, D]
-      per_example, diagnostics = compute_objective(
-          views, ids, bank=state.bank, classifier=state.classifier, cfg=cfg.loss,
-          proximal_lambda=cfg.bank.proximal_lambda, noise_seed=noise_seed, global_batch_size=global_batch_size)
-      # Divide by the global batch: apply_gradients sums the replicas' gradients, giving the global mean.
-      loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch_size)
-      # Coupled L2 as PyTorch SGD's weight_decay (the paper's recipe), scaled so the replica sum counts it once.
-      l2 = 0.5 * weight_decay * tf.add_n([tf.reduce_sum(tf.square(v)) for v in variables])
-      total = loss + tf.nn.scale_regularization_loss(l2)
-      scaled = state.optimizer.scale_loss(total)
-    gradients = tape.gradient(scaled, variables)
-    state.optimizer.apply_gradients(zip(gradients, variables))
-    # The bank update comes after the loss has read the old rows; every replica applies the same gathered rows.
-    # With two views an id appears twice: the bank averages its two features before the momentum update.
-    state.bank.update(distribute.all_gather(tf.concat([ids] * len(views), axis=0)),
-                      distribute.all_gather(tf.stop_gradient(tf.concat(views, axis=0))),
-                      momentum=cfg.bank.bank_momentum)
-    return {"loss": loss, **diagnostics}
-
-  return train_step
-
-
-def make_train_loop(train_step: Callable, strategy: tf.distribute.Strategy) -> Callable:
-  """A tf.function running `num_steps` steps from a distributed iterator; returns the metrics' mean over them."""
+  step_fn = step_fn or model.train_step
 
   @tf.function
   def train_loop(iterator, num_steps: tf.Tensor) -> dict[str, tf.Tensor]:
-    totals = {name: tf.constant(0.0) for name in METRIC_NAMES}
+    for metric in model.metrics:
+      metric.reset_state()
     for _ in tf.range(num_steps):
-      outputs = strategy.run(train_step, args=(next(iterator),))
-      # The loss is already divided by the global batch: summing replicas gives the global mean.
-      totals = {name: totals[name] + strategy.reduce(
-          tf.distribute.ReduceOp.SUM if name == "loss" else tf.distribute.ReduceOp.MEAN, outputs[name], axis=None)
-                for name in METRIC_NAMES}
-    return {name: value / tf.cast(num_steps, tf.float32) for name, value in totals.items()}
+      strategy.run(step_fn, args=(next(iterator),))
+    # Cross-replica reads of the metrics sum their replicas' totals and counts: the mean over every replica.
+    return {metric.name: metric.result() for metric in model.metrics}
 
   return train_loop
 
@@ -309,7 +185,7 @@ class _Run:
     self.manager = checkpointing.make_manager(self.state.checkpoint, self.model_dir,
                                               max_to_keep=cfg.train.keep_checkpoints)
     restored = checkpointing.restore_or_initialize(self.manager)
-    self.step = int(self.state.optimizer.iterations.numpy())
+    self.step = int(self.state.model.step.numpy())
     logging.info("%s at step %d (%s); %s, %d replica(s)", "resumed" if restored else "starting", self.step,
                  restored or "no checkpoint", type(strategy).__name__, strategy.num_replicas_in_sync)
     if restored is None and cfg.bank.bank_init == "features":
@@ -326,8 +202,7 @@ class _Run:
       self.writer = tf.summary.create_noop_writer()
     self.evaluator = self._build_evaluator()
     self.monitor = self._build_evaluator(cfg.eval.monitor_examples)
-    step_fn = make_train_step(self.state, cfg, global_batch_size=self.plan.global_batch_size)
-    self.train_loop = make_train_loop(step_fn, strategy)
+    self.train_loop = make_train_loop(self.state.model, strategy)
     self.stop_signal: int | None = None
 
   def _clean_train_features(self) -> np.ndarray:

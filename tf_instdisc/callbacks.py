@@ -1,0 +1,111 @@
+"""Keras callbacks for InstanceDiscrimination.fit: a weighted-kNN monitor and a throughput meter.
+
+Both write into the epoch's `logs`, so put them before TensorBoard, CSVLogger or ModelCheckpoint(monitor=...) in
+the callbacks list: Keras calls callbacks in list order and those read the same dict.
+
+  model.fit(train, epochs=10, callbacks=[
+      tf_instdisc.KnnMonitor(test_ds, train_labels=labels),     # logs["knn_top1"], logs["knn_top5"]
+      tf_instdisc.Throughput(batch_size=256),                   # logs["images_per_sec"]
+      keras.callbacks.CSVLogger("log.csv")])
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tf_instdisc import knn
+
+
+def _embed_labelled(model: keras.Model, dataset: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
+  """Embeddings float32 [M, D] and labels [M] of a dataset of (images, labels) or {"image", "label"} batches."""
+  embed = tf.function(lambda images: model(images, training=False), reduce_retracing=True)
+  features, labels = [], []
+  for batch in dataset:
+    images, batch_labels = (batch["image"], batch["label"]) if isinstance(batch, dict) else batch[:2]
+    features.append(np.asarray(embed(images), np.float32))
+    labels.append(np.asarray(batch_labels, np.int64))
+  return np.concatenate(features), np.concatenate(labels)
+
+
+class KnnMonitor(keras.callbacks.Callback):
+  """Weighted kNN top-1/top-5 of a labelled eval set every `every_epochs` epochs (paper Sec. 3.4).
+
+  Keys: the memory bank (train_labels[i] is the label of instance i: cheap, the paper's monitor), or, with
+  `train_data`, clean features of that labelled dataset recomputed through the current network (exact, slower).
+
+  Args:
+    eval_data: batches of (images, labels) or {"image", "label"}, un-augmented.
+    train_labels: int [N], the label of each bank row (instance id order); needed when keys are the bank.
+    train_data: batches of (images, labels) to embed as keys instead of the bank.
+    k: neighbours.
+    temperature: the vote's tau.
+    num_classes: C; by default 1 + the largest label seen.
+    every_epochs: run after every this many epochs (and never more often).
+    prefix: the logs' keys are prefix + "top1" / "top5".
+  """
+
+  def __init__(self, eval_data: tf.data.Dataset, *, train_labels: np.ndarray | None = None,
+               train_data: tf.data.Dataset | None = None, k: int = 200, temperature: float = 0.07,
+               num_classes: int | None = None, every_epochs: int = 1, prefix: str = "knn_"):
+    super().__init__()
+    if (train_labels is None) == (train_data is None):
+      raise ValueError("KnnMonitor: give train_labels (keys: the memory bank) or train_data (keys: its clean "
+                       "features), not both and not neither")
+    if k < 1 or temperature <= 0 or every_epochs < 1:
+      raise ValueError(f"KnnMonitor: k >= 1, temperature > 0 and every_epochs >= 1 needed, got k={k}, "
+                       f"temperature={temperature}, every_epochs={every_epochs}")
+    self.eval_data, self.train_data = eval_data, train_data
+    self.train_labels = None if train_labels is None else np.asarray(train_labels, np.int64)
+    self.k, self.temperature, self.num_classes = k, temperature, num_classes
+    self.every_epochs, self.prefix = every_epochs, prefix
+
+  def evaluate(self) -> dict[str, float]:
+    """{prefix + "top1": acc, prefix + "top5": acc} of the model now, in [0, 1]."""
+    queries, query_labels = _embed_labelled(self.model, self.eval_data)
+    if self.train_data is None:
+      bank = self.model.memory_bank
+      if len(self.train_labels) != bank.num_instances:
+        raise ValueError(f"KnnMonitor: train_labels has {len(self.train_labels)} labels, the bank "
+                         f"{bank.num_instances} rows")
+      keys, key_labels = bank.as_float32(), self.train_labels
+    else:
+      features, key_labels = _embed_labelled(self.model, self.train_data)
+      keys = tf.constant(features)
+    num_classes = self.num_classes or int(max(key_labels.max(), query_labels.max())) + 1
+    scores = knn.knn_accuracy(queries, query_labels, keys, key_labels, k=self.k, temperature=self.temperature,
+                              num_classes=num_classes)
+    return {f"{self.prefix}top1": scores["knn_top1"], f"{self.prefix}top5": scores["knn_top5"]}
+
+  def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+    if (epoch + 1) % self.every_epochs == 0 and logs is not None:
+      logs.update(self.evaluate())
+
+
+class Throughput(keras.callbacks.Callback):
+  """Training images per second of each epoch, as logs["images_per_sec"] (wall time of the epoch's steps).
+
+  Args:
+    batch_size: the global batch size of the training dataset.
+  """
+
+  def __init__(self, batch_size: int):
+    super().__init__()
+    if batch_size < 1:
+      raise ValueError(f"Throughput: batch_size must be >= 1, got {batch_size}")
+    self.batch_size = batch_size
+    self._start, self._steps = 0.0, 0
+
+  def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+    self._start, self._steps = time.time(), 0
+
+  def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+    self._steps = batch + 1  # With steps_per_execution > 1, `batch` is the last step of the execution.
+
+  def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+    if logs is not None:
+      logs["images_per_sec"] = self._steps * self.batch_size / max(time.time() - self._start, 1e-9)

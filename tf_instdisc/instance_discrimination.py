@@ -1,0 +1,402 @@
+"""InstanceDiscrimination: the whole method as one keras.Model (Wu et al., CVPR 2018).
+
+  f = normalise(BN?(W encoder(x)))                   the embedding, [B, D] float32 unit norm: model(images)
+  loss = -log P(i | f)  over the memory bank V         exact softmax over all N rows (paper Eq. 2), or NCE with K
+                                                       uniform noise rows and a constant Z (Eq. 6-8)
+       (+ lambda ||f - v_i||^2, the proximal term)     (Sec. 3.3)
+  v_i <- normalise(m v_i + (1 - m) f)                  written in place, after the loss has read V (Sec. 3.2)
+
+Beyond the paper, each off by default: two views of every image with a symmetric loss (Ye et al., CVPR 2019) and
+a CLD-style group term (Wang et al., CVPR 2021). Shapes: B = per-replica batch, G = global batch, N =
+num_instances, D = embedding_dim, K = num_negatives.
+
+Usage (any encoder mapping images to features [B, F], any dataset of (image, instance_id) pairs):
+
+  model = InstanceDiscrimination(encoder, num_instances=len(images), objective="nce")
+  model.compile(optimizer=keras.optimizers.SGD(0.03, momentum=0.9))
+  model.fit(with_instance_ids(images_ds).shuffle(n).batch(256, drop_remainder=True), epochs=10)
+
+Under a tf.distribute strategy, build and compile the model inside `strategy.scope()`: every replica then holds a
+copy of the bank and applies the same all-gathered update, so the copies stay identical (DESIGN.md). train.py
+(train_lib) drives this same train_step in its own loop.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import keras
+import tensorflow as tf
+from keras import layers
+
+from tf_instdisc import config as config_lib
+from tf_instdisc import distribute
+from tf_instdisc import memory_bank
+from tf_instdisc import objectives
+
+IMAGE_KEY, ID_KEY, SECOND_VIEW_KEY = "image", "instance_id", "image_view2"  # The batch dicts' keys (data.py's).
+OBJECTIVES = ("nce", "softmax", "parametric")
+GROUP_ITERATIONS = 5  # k-means rounds of the group term: enough for a batch of a few hundred unit vectors.
+METRIC_NAMES = ("loss", "normalizer", "positive_similarity")
+
+
+def with_instance_ids(dataset: tf.data.Dataset) -> tf.data.Dataset:
+  """A dataset of images -> one of (image, instance_id) pairs, ids 0, 1, ... in the dataset's order.
+
+  Call it before any shuffle, so an image keeps its id across epochs. Elements may be images, (image, label, ...)
+  tuples (the image is kept, the rest dropped) or dicts (an "instance_id" entry is added).
+  """
+
+  def pair(index, element):
+    index = tf.cast(index, tf.int64)
+    if isinstance(element, dict):
+      return {**element, ID_KEY: index}
+    if isinstance(element, tuple):
+      element = element[0]
+    return element, index
+
+  return dataset.enumerate().map(pair, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def _negative_similarities(views: list[tf.Tensor], ids: tf.Tensor, *, bank: memory_bank.MemoryBank,
+                           cfg: config_lib.LossConfig, noise_seed: tf.Tensor) -> tuple[tf.Tensor, list[tf.Tensor]]:
+  """NCE noise ids [B, K] and each view's similarities to them [B, K]; every view meets the same noise rows."""
+  batch = tf.shape(ids)[0]
+  if cfg.negative_sampling == "shared":
+    shared = bank.sample_negatives([cfg.num_negatives], seed=noise_seed)  # [K]
+    noise_rows = bank.lookup(shared)  # [K, D]
+    return (tf.broadcast_to(shared[None], [batch, cfg.num_negatives]),
+            [tf.matmul(features, noise_rows, transpose_b=True) for features in views])
+  offset = distribute.replica_id() * batch  # This replica's first row in the global batch.
+  neg_ids = bank.sample_negatives([batch * _replicas(), cfg.num_negatives], seed=noise_seed)
+  neg_ids = neg_ids[offset:offset + batch]  # [B, K]
+  noise_rows = bank.lookup(neg_ids)  # [B, K, D]
+  return neg_ids, [tf.einsum("bd,bkd->bk", features, noise_rows) for features in views]
+
+
+def _replicas() -> int:
+  ctx = tf.distribute.get_replica_context()
+  return 1 if ctx is None else ctx.num_replicas_in_sync
+
+
+def _group_term(views: list[tf.Tensor], positives: tf.Tensor, cfg: config_lib.LossConfig, noise_seed: tf.Tensor
+                ) -> tf.Tensor:
+  """[B]: features classified against the k-means groups of another view of the batch (CLD-style), over the
+  global batch.
+
+  Two views: each view against the other's groups, averaged (CLD's cross-level term). One view: the features
+  against the groups of their own bank rows, the view of the same images the bank kept from earlier steps (no
+  second forward pass). k-means runs on all-gathered rows without gradient, so N replicas group as one device.
+  """
+  batch = tf.shape(views[0])[0]
+  offset = distribute.replica_id() * batch
+  targets = [views[1], views[0]] if len(views) == 2 else [positives]
+  terms = []
+  for index, (features, other) in enumerate(zip(views, targets)):
+    gathered = distribute.all_gather(tf.stop_gradient(other))  # [G, D]
+    seed = tf.random.experimental.stateless_fold_in(noise_seed, 1 + index)
+    centroids, assignments = objectives.spherical_kmeans(
+        gathered, num_clusters=cfg.group_clusters, iterations=GROUP_ITERATIONS, seed=seed)
+    terms.append(objectives.group_loss(features, centroids, assignments[offset:offset + batch],
+                                       temperature=cfg.group_temperature))
+  return tf.add_n(terms) / len(terms)
+
+
+def compute_objective(views: list[tf.Tensor], ids: tf.Tensor, *, bank: memory_bank.MemoryBank,
+                      classifier: keras.layers.Layer | None, cfg: config_lib.LossConfig, proximal_lambda: float,
+                      noise_seed: tf.Tensor) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
+  """Per-example loss [B] of the configured objective, reading (never writing) the bank; and diagnostics.
+
+  `views` holds one [B, D] feature per augmented view (1 or 2). With two, each view's loss counts the other view's
+  feature as a second positive and the per-example loss is the mean over both views (symmetric, Ye et al. 2019);
+  the group term (cfg.group_clusters > 0) is added with weight cfg.group_weight.
+
+  Noise draws depend on (noise_seed, position in the global batch) only, never on the replica count: every
+  replica draws the same shared K ids, or the same [global batch, K] block of which it takes its own rows. With
+  the same noise_seed on every replica, N replicas train exactly as one device on the same global batch.
+  """
+  positives = bank.lookup(ids)  # [B, D]
+  pos_similarity = [tf.reduce_sum(features * positives, axis=1) for features in views]  # each [B]
+  view_similarity = [None] * len(views)
+  if len(views) == 2:
+    view_similarity = [tf.reduce_sum(views[0] * views[1], axis=1)] * 2  # [B], f . f'
+  normalizer = tf.constant(0.0)
+  if cfg.objective == "nce":
+    neg_ids, neg_similarity = _negative_similarities(views, ids, bank=bank, cfg=cfg, noise_seed=noise_seed)
+    estimate = distribute.all_reduce_mean(objectives.estimate_normalizer(
+        pos_similarity[0], neg_similarity[0], temperature=cfg.temperature, num_instances=bank.num_instances))
+    normalizer = bank.maybe_set_normalizer(estimate, momentum=cfg.normalizer_momentum)
+    logits = functools.partial(objectives.nce_logits, temperature=cfg.temperature,
+                               num_instances=bank.num_instances, num_negatives=cfg.num_negatives,
+                               normalizer=normalizer)
+    neg_mask = tf.not_equal(neg_ids, tf.cast(ids, tf.int64)[:, None]) if cfg.exclude_positive else None
+    per_view = [objectives.nce_loss(logits(pos), logits(neg), neg_mask=neg_mask,
+                                    view_logits=None if view is None else logits(view))
+                for pos, neg, view in zip(pos_similarity, neg_similarity, view_similarity)]
+  elif cfg.objective == "softmax":
+    per_view = [objectives.softmax_instance_loss(bank.similarities(features), ids, temperature=cfg.temperature,
+                                                 view_similarity=view)  # logits [B, N]
+                for features, view in zip(views, view_similarity)]
+  else:  # parametric: w_i . f, no temperature (paper Eq. 1); the weights' norm sets the scale.
+    per_view = [objectives.softmax_instance_loss(classifier(features), ids, temperature=1.0) for features in views]
+  per_example = tf.add_n(per_view) / len(views)
+  if cfg.group_clusters:
+    per_example += cfg.group_weight * _group_term(views, positives, cfg, noise_seed)
+  if proximal_lambda > 0.0:
+    per_example += tf.add_n([objectives.proximal_loss(features, positives, proximal_lambda=proximal_lambda)
+                             for features in views]) / len(views)
+  return per_example, {"normalizer": normalizer, "positive_similarity": tf.reduce_mean(pos_similarity[0])}
+
+
+@keras.saving.register_keras_serializable(package="tf_instdisc")
+class InstanceDiscrimination(keras.Model):
+  """Non-parametric instance discrimination around any encoder: the projection head, the memory bank, Z, the
+  parametric baseline's classifier when used, and a step counter of its own.
+
+  `model(images)` / `model.predict` give unit-norm float32 embeddings [B, D]. `fit` takes batches of
+  `(images, instance_ids)`, `((view1, view2), instance_ids)` with views=2, or dicts with "image" ("image_view2")
+  and "instance_id"; instance ids are int in [0, num_instances) and must not change between epochs
+  (`with_instance_ids`). Batches must have the same size on every replica (batch with drop_remainder=True).
+
+  Args:
+    encoder: a Keras model or layer, images [B, ...] -> features [B, F] (e.g. keras.applications.ResNet50 with
+      include_top=False, pooling="avg", a Sequential, or backbones.build_backbone).
+    num_instances: N, the number of training images (bank rows).
+    embedding_dim: D.
+    objective: "nce" (K noise rows, constant Z), "softmax" (exact, all N rows) or "parametric" (a learned
+      classifier of N classes, the paper's baseline).
+    num_negatives: K of NCE.
+    temperature: tau of the softmax / NCE logits.
+    bank_momentum: m of the bank update (0 writes the new feature as is).
+    proximal_lambda: weight of the proximal term (0: off).
+    negative_sampling: "shared" (one draw of K per global batch) or "per_example".
+    exclude_positive: drop noise rows that equal the example's own instance.
+    normalizer_momentum: 0 keeps Z from the first batch (the paper); else Z is a moving average with this rate.
+    views: 1, or 2 (each view's positives are its bank row and the other view's feature; the bank keeps their mean).
+    group_clusters: > 0 adds the group term with this many k-means groups of the global batch.
+    group_weight: the group term's weight.
+    group_temperature: the group term's temperature.
+    head_batchnorm: batch-normalise the projection before the L2 norm (not in the paper).
+    sync_batchnorm: the head's batch norm takes statistics over all replicas.
+    weight_decay: coupled L2 on the trainable weights, added to the loss (PyTorch SGD's weight_decay, the paper's).
+    bank_dtype: "float32", "bfloat16" or "float16" storage of the bank.
+    seed: seeds the head, the bank's initial rows and the noise draws (with the step counter).
+  """
+
+  def __init__(self, encoder: keras.layers.Layer, num_instances: int, *, embedding_dim: int = 128,
+               objective: str = "nce", num_negatives: int = 4096, temperature: float = 0.07,
+               bank_momentum: float = 0.5, proximal_lambda: float = 0.0, negative_sampling: str = "shared",
+               exclude_positive: bool = False, normalizer_momentum: float = 0.0, views: int = 1,
+               group_clusters: int = 0, group_weight: float = 0.25, group_temperature: float = 0.2,
+               head_batchnorm: bool = False, sync_batchnorm: bool = False, weight_decay: float = 0.0,
+               bank_dtype: str = "float32", seed: int = 0, **kwargs):
+    super().__init__(**kwargs)
+    _check(isinstance(encoder, keras.layers.Layer), "encoder", f"must be a Keras layer or model, got {encoder!r}")
+    _check(num_instances >= 1, "num_instances", f"must be >= 1, got {num_instances}")
+    _check(embedding_dim >= 1, "embedding_dim", f"must be >= 1, got {embedding_dim}")
+    _check(objective in OBJECTIVES, "objective", f"got {objective!r}, expected one of {', '.join(OBJECTIVES)}")
+    _check(objective != "nce" or 1 <= num_negatives, "num_negatives", f"must be >= 1, got {num_negatives}")
+    _check(temperature > 0, "temperature", f"must be > 0, got {temperature}")
+    _check(0.0 <= bank_momentum < 1.0, "bank_momentum", f"must be in [0, 1), got {bank_momentum}")
+    _check(proximal_lambda >= 0.0, "proximal_lambda", f"must be >= 0, got {proximal_lambda}")
+    _check(views in (1, 2), "views", f"must be 1 or 2, got {views}")
+    _check(negative_sampling in ("shared", "per_example"), "negative_sampling",
+           f"got {negative_sampling!r}, expected shared or per_example")
+    _check(group_clusters >= 0, "group_clusters", f"must be >= 0, got {group_clusters}")
+    _check(weight_decay >= 0.0, "weight_decay", f"must be >= 0, got {weight_decay}")
+    self.encoder = encoder
+    self.num_instances = int(num_instances)
+    self.embedding_dim = int(embedding_dim)
+    self.views, self.seed, self.weight_decay = int(views), int(seed), float(weight_decay)
+    self.bank_momentum, self.proximal_lambda = float(bank_momentum), float(proximal_lambda)
+    self.head_batchnorm, self.sync_batchnorm = bool(head_batchnorm), bool(sync_batchnorm)
+    self.loss_config = config_lib.LossConfig(
+        objective=objective, temperature=float(temperature), num_negatives=int(num_negatives),
+        negative_sampling=negative_sampling, exclude_positive=bool(exclude_positive),
+        normalizer_momentum=float(normalizer_momentum), group_clusters=int(group_clusters),
+        group_weight=float(group_weight), group_temperature=float(group_temperature))
+    # float32 head: the dot products with the bank and the temperature-scaled logits need the full mantissa.
+    self.projection = layers.Dense(embedding_dim, dtype="float32", name="projection",
+                                   kernel_initializer=keras.initializers.GlorotUniform(seed=seed))
+    self.projection_bn = None
+    if head_batchnorm:
+      self.projection_bn = layers.BatchNormalization(momentum=0.9, epsilon=1e-5, dtype="float32",
+                                                     name="projection_bn", synchronized=sync_batchnorm)
+    self.normalize = layers.UnitNormalization(axis=-1, dtype="float32", name="l2_normalize")
+    self.memory_bank = memory_bank.MemoryBank(num_instances, embedding_dim, seed=seed, dtype=bank_dtype)
+    self.classifier = None
+    if objective == "parametric":
+      self.classifier = layers.Dense(num_instances, use_bias=False, dtype="float32", name="instance_classifier",
+                                     kernel_initializer=keras.initializers.RandomNormal(stddev=0.01, seed=seed))
+      self.classifier.build((None, embedding_dim))
+    # The step counter: the resume position, the noise seed and the bank follow it, not optimizer.iterations
+    # (a LossScaleOptimizer does not count a skipped step).
+    self.step = self.add_weight(name="step", shape=(), dtype="int64", initializer="zeros", trainable=False,
+                                aggregation="only_first_replica")
+    self.trackers = {name: keras.metrics.Mean(name=name) for name in METRIC_NAMES}
+    input_shape = _input_shape(encoder)
+    if input_shape is not None:  # Built at once (what BackupAndRestore needs); else on the first batch.
+      self.build((None, *input_shape))
+
+  @property
+  def objective(self) -> str:
+    return self.loss_config.objective
+
+  @property
+  def bank(self) -> tf.Variable:
+    """The memory bank V [N, D] (non-trainable; a MirroredVariable under a strategy)."""
+    return self.memory_bank.bank
+
+  @property
+  def normalizer(self) -> tf.Variable:
+    """NCE's constant Z (negative until the first NCE step sets it)."""
+    return self.memory_bank.normalizer
+
+  @property
+  def metrics(self) -> list[keras.metrics.Metric]:
+    return list(self.trackers.values())
+
+  def build(self, input_shape) -> None:
+    if isinstance(input_shape, dict):
+      input_shape = input_shape[IMAGE_KEY]
+    input_shape = tuple(input_shape)
+    if not self.encoder.built:
+      self.encoder.build(input_shape)
+    feature_shape = self.encoder.compute_output_shape(input_shape)
+    _check(len(feature_shape) == 2, "encoder",
+           f"must map images to features [B, F]; it gives shape {feature_shape} (use pooling='avg' or a pooling "
+           "layer)")
+    if not self.projection.built:
+      self.projection.build(feature_shape)
+    if self.projection_bn is not None and not self.projection_bn.built:
+      self.projection_bn.build((None, self.embedding_dim))
+    self.built = True
+
+  def call(self, images, training=False):
+    """images [B, ...] (or a dict with "image") -> float32 [B, D], unit norm."""
+    if isinstance(images, dict):
+      images = images[IMAGE_KEY]
+    projected = self.projection(tf.cast(self.encoder(images, training=training), tf.float32))
+    if self.projection_bn is not None:
+      projected = self.projection_bn(projected, training=training)
+    return self.normalize(projected)
+
+  def compute_output_shape(self, input_shape):
+    if isinstance(input_shape, dict):
+      input_shape = input_shape[IMAGE_KEY]
+    return (input_shape[0], self.embedding_dim)
+
+  def embedding_model(self, input_shape: tuple[int, ...] | None = None) -> keras.Model:
+    """A functional model images -> embeddings sharing this model's layers (no bank): for export and evaluation.
+
+    Its layers are [input, encoder, projection, (projection_bn,) l2_normalize].
+    """
+    if input_shape is None:
+      input_shape = tuple(self.encoder.input_shape[1:])
+    inputs = keras.Input(input_shape, name="images")
+    projected = self.projection(self.encoder(inputs))
+    if self.projection_bn is not None:
+      projected = self.projection_bn(projected)
+    return keras.Model(inputs, self.normalize(projected), name=f"{self.encoder.name}_embedding")
+
+  def compile(self, optimizer="sgd", *, jit_compile: bool | str = False, **kwargs) -> None:
+    """As keras.Model.compile, without a loss (the method is its loss). XLA is off by default, not Keras' "auto"
+    (on for GPUs): the bank update's tf.unique has a data-dependent shape XLA cannot compile, and on our CPUs the
+    step measured slower under XLA anyway (DESIGN.md)."""
+    super().compile(optimizer=optimizer, jit_compile=jit_compile, **kwargs)
+
+  def compile_from_config(self, config: dict[str, Any]) -> None:
+    """Recompiles a loaded model (keras.models.load_model) with its saved optimizer."""
+    config = keras.saving.deserialize_keras_object(config)
+    self.compile(**config)
+    if self.built:
+      self.optimizer.build(self.trainable_variables)  # Its slots exist before the saved values load into them.
+
+  def _unpack(self, data) -> tuple[list[tf.Tensor], tf.Tensor]:
+    """Batch -> ([view images], instance ids [B] int64)."""
+    if isinstance(data, dict):
+      _check(ID_KEY in data and IMAGE_KEY in data, "data", f"a dict batch needs {IMAGE_KEY!r} and {ID_KEY!r}, got "
+             f"keys {sorted(data)}")
+      views, ids = [data[IMAGE_KEY]] + ([data[SECOND_VIEW_KEY]] if self.views == 2 else []), data[ID_KEY]
+    else:
+      _check(isinstance(data, (tuple, list)) and len(data) >= 2, "data",
+             "batches must be (images, instance_ids) or a dict with 'image' and 'instance_id' (see "
+             "tf_instdisc.with_instance_ids)")
+      images, ids = data[0], data[1]
+      views = list(images) if isinstance(images, (tuple, list)) else [images]
+    _check(len(views) == self.views, "views", f"the model has views={self.views}, a batch brought {len(views)}")
+    return views, tf.cast(ids, tf.int64)
+
+  def train_step(self, data) -> dict[str, tf.Tensor]:
+    """One step on this replica's batch: loss, gradients, optimizer update, then the bank write.
+
+    Returns the running means (since the last reset) of the loss, Z and the mean positive similarity.
+    """
+    views, ids = self._unpack(data)
+    noise_seed = tf.stack([tf.constant(self.seed, tf.int64), tf.convert_to_tensor(self.step)])  # Same everywhere.
+    with tf.GradientTape() as tape:
+      # Both views go through the network as one batch [V*B, ...]: one pass, batch statistics over both.
+      features = tf.split(self(tf.concat(views, axis=0), training=True), len(views))  # each [B, D]
+      variables = self.trainable_variables  # After the call: without a strategy, Keras builds on the first one.
+      per_example, diagnostics = compute_objective(
+          features, ids, bank=self.memory_bank, classifier=self.classifier, cfg=self.loss_config,
+          proximal_lambda=self.proximal_lambda, noise_seed=noise_seed)
+      # Divided by the global batch: apply_gradients sums the replicas' gradients, giving the global mean.
+      loss = tf.nn.compute_average_loss(per_example)
+      if self.weight_decay:
+        # Coupled L2 as PyTorch SGD's weight_decay, scaled so the replica sum counts it once.
+        l2 = 0.5 * self.weight_decay * tf.add_n([tf.reduce_sum(tf.square(v)) for v in variables])
+        loss += tf.nn.scale_regularization_loss(l2)
+      scaled = self.optimizer.scale_loss(loss)
+    gradients = tape.gradient(scaled, variables)
+    self.optimizer.apply_gradients(zip(gradients, variables))
+    # The bank update comes after the loss has read the old rows; every replica applies the same gathered rows.
+    # With two views an id appears twice: the bank averages its two features before the momentum update.
+    self.memory_bank.update(distribute.all_gather(tf.concat([ids] * len(features), axis=0)),
+                            distribute.all_gather(tf.stop_gradient(tf.concat(features, axis=0))),
+                            momentum=self.bank_momentum)
+    self.step.assign_add(1)
+    # Each replica's mean over its own examples; the trackers (and fit) average replicas: the global mean.
+    self.trackers["loss"].update_state(tf.reduce_mean(per_example))
+    for name, value in diagnostics.items():
+      self.trackers[name].update_state(value)
+    return {name: tracker.result() for name, tracker in self.trackers.items()}
+
+  def test_step(self, data):
+    del data
+    raise NotImplementedError(
+        "InstanceDiscrimination has no validation loss (held-out images are not instances of the bank): use "
+        "tf_instdisc.callbacks.KnnMonitor for a kNN score on a labelled set instead of validation_data")
+
+  def get_config(self) -> dict[str, Any]:
+    cfg = self.loss_config
+    return {**super().get_config(), "encoder": keras.saving.serialize_keras_object(self.encoder),
+            "num_instances": self.num_instances, "embedding_dim": self.embedding_dim, "objective": cfg.objective,
+            "num_negatives": cfg.num_negatives, "temperature": cfg.temperature, "bank_momentum": self.bank_momentum,
+            "proximal_lambda": self.proximal_lambda, "negative_sampling": cfg.negative_sampling,
+            "exclude_positive": cfg.exclude_positive, "normalizer_momentum": cfg.normalizer_momentum,
+            "views": self.views, "group_clusters": cfg.group_clusters, "group_weight": cfg.group_weight,
+            "group_temperature": cfg.group_temperature, "head_batchnorm": self.head_batchnorm,
+            "sync_batchnorm": self.sync_batchnorm, "weight_decay": self.weight_decay,
+            "bank_dtype": self.memory_bank.storage_dtype.name, "seed": self.seed}
+
+  @classmethod
+  def from_config(cls, config: dict[str, Any]) -> InstanceDiscrimination:
+    config = dict(config)
+    encoder = keras.saving.deserialize_keras_object(config.pop("encoder"))
+    return cls(encoder, **config)
+
+
+def _input_shape(encoder: keras.layers.Layer) -> tuple[int | None, ...] | None:
+  """The encoder's input shape without the batch axis, when it declares one (a functional model), else None."""
+  try:
+    shape = encoder.input_shape
+  except (AttributeError, ValueError):
+    return None
+  return tuple(shape[1:]) if isinstance(shape, tuple) and shape and not isinstance(shape[0], tuple) else None
+
+
+def _check(ok: bool, argument: str, message: str) -> None:
+  if not ok:
+    raise ValueError(f"InstanceDiscrimination {argument}: {message}")
