@@ -102,13 +102,18 @@ class FitTest(tf.test.TestCase, parameterized.TestCase):
     self.assertAllClose(two_history.history["loss"], one_history.history["loss"], rtol=1e-4)
     self.assertEqual(int(two.step.numpy()), N // BATCH)
 
-  def test_keras_applications_fit_under_two_replicas(self):
+  @parameterized.parameters("sequential", "mobilenet_v3_small", "resnet50")
+  def test_any_encoder_fits_under_two_replicas_with_bit_identical_banks(self, kind):
     strategy = testing.two_replica_strategy()
     with strategy.scope():
-      model = _model(_encoder("mobilenet_v3_small"))
-    model.fit(_dataset(_images()), epochs=1, verbose=0)
+      model = _model(_encoder(kind))
+    initial = model.bank.numpy()
+    history = model.fit(_dataset(_images()), epochs=1, verbose=0)
+    self.assertTrue(np.isfinite(history.history["loss"][0]))
     copies = [v.numpy() for v in model.bank.values]
+    self.assertLen(copies, 2)
     self.assertAllEqual(copies[0], copies[1])
+    self.assertNotAllClose(copies[0], initial)
 
   def test_keras_callbacks_in_one_fit(self):
     root = self.create_tempdir().full_path
