@@ -1,9 +1,13 @@
-"""Backbones: output shapes for every BUILDERS key, parameter counts against torchvision, dtype policies, errors."""
+"""Backbones: output shapes for every BUILDERS key, parameter counts against torchvision, dtype policies, errors;
+keras.applications models (--arch=keras.<Name>): shapes, policy, synchronized BN, seeding, names, refusals."""
 
-from tests import testing  # noqa: F401  # First: splits the CPU before TensorFlow starts.
+from tests import testing  # First: splits the CPU before TensorFlow starts.
 
 # isort: split
 
+import random
+
+import keras
 import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
@@ -98,6 +102,144 @@ class SmallInputsAndPolicyTest(tf.test.TestCase, parameterized.TestCase):
     self.assertEqual(model(np.zeros([2, 16, 16, 1], np.float32)).dtype, compute_dtype)
     self.assertEqual({w.dtype for w in model.weights}, {"float32"})
     self.assertEqual(model.get_layer("conv1_conv").dtype_policy.name, policy)
+
+
+# --------------------------------------------------------------------------------------------- keras.applications
+APP = "keras.MobileNetV3Small"  # The cheapest application to build (0.9M parameters).
+APP_FEATURES = {"keras.MobileNetV3Small": 576, "keras.ResNet50": 2048}
+
+
+def _images(shape, batch=2, seed=0):
+  return np.random.default_rng(seed).uniform(0, 255, (batch, *shape)).astype(np.float32)
+
+
+def _leaf_layers(model):
+  for layer in model.layers:
+    if isinstance(layer, keras.Model):
+      yield from _leaf_layers(layer)
+    else:
+      yield layer
+
+
+def _random_weights(model):
+  """The weights drawn from a random initializer (not all one value, as zero biases or BN's ones)."""
+  return [w for w in model.get_weights() if np.unique(w).size > 1]
+
+
+class KerasApplicationsTest(tf.test.TestCase, parameterized.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.app = backbones.build_backbone(APP, INPUT_SHAPE, seed=0)
+
+  def test_names_match_installed_keras(self):
+    names = backbones.keras_application_names()
+    self.assertContainsSubset(["keras.ResNet50", "keras.MobileNetV3Small", "keras.EfficientNetB0",
+                               "keras.DenseNet121"], names)
+    self.assertNotIn("keras.resnet", names)  # A module of keras.applications, not a model.
+    # config validates --arch before TensorFlow loads, from its own copy of the list.
+    self.assertEqual(config_lib.KERAS_ARCHS, names)
+    self.assertEqual(backbones.arch_names(), [*backbones.BUILDERS, *names])
+
+  @parameterized.named_parameters((arch, arch) for arch in APP_FEATURES)
+  def test_output_shape(self, arch):
+    model = self.app if arch == APP else backbones.build_backbone(arch, INPUT_SHAPE)
+    features = model(_images(INPUT_SHAPE), training=False)
+    self.assertEqual(features.shape, (2, APP_FEATURES[arch]))
+    self.assertEqual(features.dtype, tf.float32)
+    self.assertTrue(np.all(np.isfinite(features.numpy())))
+    # One flat functional model: pixels in [0, 255] -> the fixed standardisation -> the application.
+    self.assertEqual([layer.name for layer in model.layers[:2]], ["images", "standardize"])
+    self.assertFalse(any(isinstance(layer, keras.Model) for layer in model.layers))
+
+  def test_standardisation_is_the_only_preprocessing(self):
+    # EfficientNet B0-B7 always build Rescaling(1/255) + Normalization: they become identities.
+    model = backbones.build_backbone("keras.EfficientNetB0", INPUT_SHAPE)
+    preprocessing = [layer.name for layer in model.layers
+                     if isinstance(layer, (keras.layers.Rescaling, keras.layers.Normalization))]
+    self.assertEqual(preprocessing, ["standardize"])
+    self.assertIsInstance(model.get_layer("rescaling"), keras.layers.Identity)
+    self.assertEqual(model(_images(INPUT_SHAPE), training=False).shape, (2, 1280))
+
+  def test_policy_without_global_state(self):
+    global_policy, random_state = keras.config.dtype_policy().name, random.getstate()
+    model = backbones.build_backbone(APP, INPUT_SHAPE, policy="mixed_bfloat16")
+    self.assertEqual(keras.config.dtype_policy().name, global_policy)
+    self.assertEqual(random.getstate(), random_state)
+    convs = [layer for layer in _leaf_layers(model) if isinstance(layer, keras.layers.Conv2D)]
+    self.assertGreater(len(convs), 10)
+    self.assertEqual({layer.compute_dtype for layer in convs}, {"bfloat16"})
+    policies = {layer.dtype_policy.name for layer in _leaf_layers(model)
+                if isinstance(layer, keras.layers.Layer) and not isinstance(layer, keras.layers.InputLayer)}
+    self.assertEqual(policies, {"mixed_bfloat16"})
+    self.assertEqual({w.dtype for w in model.weights}, {"float32"})
+    self.assertEqual(model(_images(INPUT_SHAPE), training=False).dtype, tf.bfloat16)
+
+  def test_sync_batchnorm_reaches_every_batchnorm(self):
+    def batchnorms(model):
+      return [layer for layer in _leaf_layers(model) if isinstance(layer, keras.layers.BatchNormalization)]
+
+    synced = backbones.build_backbone(APP, INPUT_SHAPE, sync_batchnorm=True)
+    self.assertGreater(len(batchnorms(synced)), 10)
+    self.assertTrue(all(layer.synchronized for layer in batchnorms(synced)))
+    self.assertFalse(any(layer.synchronized for layer in batchnorms(self.app)))
+
+  def test_seed_decides_the_weights(self):
+    same = backbones.build_backbone(APP, INPUT_SHAPE, seed=0)
+    other = backbones.build_backbone(APP, INPUT_SHAPE, seed=1)
+    for expected, actual in zip(self.app.get_weights(), same.get_weights(), strict=True):
+      self.assertAllEqual(expected, actual)
+    drawn = _random_weights(self.app)
+    self.assertGreater(len(drawn), 40)  # Every conv kernel, at least.
+    for expected, actual in zip(drawn, _random_weights(other), strict=True):
+      self.assertNotAllClose(expected, actual)
+
+  def test_every_build_has_the_same_layer_names(self):
+    # Keras numbers the layers it names itself process-wide ("add_17"); the builder renumbers them per build, so
+    # weights copy by name into a rebuild, here one with a free spatial size (as artifact.write_backbone does).
+    portable = backbones.build_backbone(APP, (None, None, 3), seed=1)
+    self.assertEqual([layer.name for layer in portable.layers], [layer.name for layer in self.app.layers])
+    for layer in portable.layers:
+      layer.set_weights(self.app.get_layer(layer.name).get_weights())
+    images = _images(INPUT_SHAPE)
+    self.assertAllClose(portable(images, training=False), self.app(images, training=False))
+    self.assertEqual(portable(_images((48, 40, 3)), training=False).shape, (2, 576))
+
+  def test_one_channel_input(self):
+    model = backbones.build_backbone(APP, (32, 32, 1))
+    self.assertEqual(model(_images((32, 32, 1)), training=False).shape, (2, 576))
+    self.assertEqual(model.get_layer("conv").kernel.shape, (3, 3, 1, 16))
+
+  @parameterized.named_parameters(
+      ("unknown_model", "keras.ResNet34"),
+      ("module_not_model", "keras.resnet"),
+      ("no_prefix", "MobileNetV3Small"),
+  )
+  def test_unknown_name_lists_the_accepted_ones(self, arch):
+    listing = rf"--arch: unknown architecture '{arch}', expected one of resnet18, .*keras\.MobileNetV3Small, "
+    with self.assertRaisesRegex(ValueError, listing):
+      backbones.build_backbone(arch, INPUT_SHAPE)
+    with self.assertRaisesRegex(ValueError, r"--arch: got .*, expected one of resnet18, .*keras\.ResNet50, "):
+      config_lib.validate(testing.tiny_config(arch=arch))
+
+  def test_config_accepts_keras_names(self):
+    cfg = testing.tiny_config(arch="keras.ResNet50")
+    self.assertIs(config_lib.validate(cfg), cfg)
+
+  @parameterized.named_parameters(
+      ("below_32", APP, (16, 16, 3), "32x32"),
+      ("non_square", APP, (64, 24, 3), "32x32"),
+      ("below_75", "keras.InceptionV3", (32, 32, 3), "75x75"),
+  )
+  def test_too_small_input_names_the_flags(self, arch, input_shape, smallest):
+    message = rf"--arch={arch} needs images of at least {smallest} pixels, got input shape .*--image_size"
+    with self.assertRaisesRegex(ValueError, message):
+      backbones.build_backbone(arch, input_shape)
+
+  def test_nasnet_refuses_a_free_size(self):
+    with self.assertRaisesRegex(ValueError, r"--arch=keras\.NASNetMobile needs a fixed image size"):
+      backbones.build_backbone("keras.NASNetMobile", (None, None, 3))
 
 
 if __name__ == "__main__":

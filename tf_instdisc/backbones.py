@@ -3,14 +3,24 @@
 ResNet-18/50 follow He et al. 2016 (v1.5: stride on the 3x3 conv); `resnet18_cifar` swaps the 7x7/2 stem and
 max-pool for one 3x3/1 conv, as the official NPID CIFAR code; `convnet_small` is a fast VGG-style net for CPU runs
 on small images. Every builder takes a Keras dtype policy, so mixed precision needs no global state.
+
+`keras.<Name>` is any keras.applications model (keras.ResNet50, keras.MobileNetV3Small, keras.EfficientNetB0, ...),
+untrained (weights=None), without its top, global-average-pooled, behind the same fixed input standardisation as
+the backbones here (its own built-in preprocessing is switched off or dropped). Keras builds those with the global
+dtype policy, unsynchronised BatchNormalization and unseeded initializers, so `build_keras_application` rebuilds
+each layer from its config with the requested policy, BN synchronisation and a seed per initializer.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
+import inspect
 import itertools
-from typing import Callable, Iterator
+import random
+import re
+from typing import Any, Callable, Iterator, Sequence
 
 import keras
 from keras import layers
@@ -143,12 +153,170 @@ BUILDERS: dict[str, Callable[..., keras.Model]] = {
 }
 
 
+KERAS_PREFIX = "keras."  # --arch=keras.<Name>: keras.applications.<Name>.
+_APPLICATION_ARGS = frozenset({"include_top", "weights", "input_shape", "pooling"})
+# Fixed preprocessing some applications always build in (EfficientNet B0-B7: Rescaling(1/255) + Normalization).
+_PREPROCESSING_LAYERS = (layers.Rescaling, layers.Normalization)
+# Keras' NASNet chooses its crops from static shapes: built with a free (None) height or width, it fails when run.
+_FIXED_SIZE_ONLY = ("keras.NASNetLarge", "keras.NASNetMobile")
+
+
+@functools.cache
+def keras_application_names() -> tuple[str, ...]:
+  """Every accepted keras.<Name>: the keras.applications callables taking include_top, weights, input_shape, pooling."""
+  names = []
+  for name in sorted(dir(keras.applications)):
+    constructor = getattr(keras.applications, name)
+    if name.startswith("_") or inspect.ismodule(constructor) or not callable(constructor):
+      continue
+    try:
+      parameters = inspect.signature(constructor).parameters
+    except (TypeError, ValueError):
+      continue
+    if _APPLICATION_ARGS <= parameters.keys():
+      names.append(KERAS_PREFIX + name)
+  return tuple(names)
+
+
+def arch_names() -> list[str]:
+  """Every --arch value: the BUILDERS keys, then keras.<Name> for each keras.applications model."""
+  return [*BUILDERS, *keras_application_names()]
+
+
+def check_arch(arch: str) -> None:
+  """Raises ValueError naming --arch and listing every accepted name unless `arch` is one (`arch_names`)."""
+  if arch not in BUILDERS and arch not in keras_application_names():
+    raise ValueError(f"--arch: unknown architecture {arch!r}, expected one of {', '.join(arch_names())}")
+
+
+def _seed_initializers(config: dict[str, Any], seeds: Iterator[int]) -> dict[str, Any]:
+  """A copy of a layer config with a fresh seed for each unseeded initializer and for an unseeded `seed` argument."""
+  config = dict(config)
+  for key, value in config.items():
+    if key == "seed" and value is None:  # Dropout and other random layers.
+      config[key] = next(seeds)
+    elif (isinstance(value, dict) and isinstance(value.get("config"), dict) and "seed" in value["config"]
+          and value["config"]["seed"] is None):  # A serialized random initializer.
+      config[key] = dict(value, config=dict(value["config"], seed=next(seeds)))
+  return config
+
+
+def _snake_case(class_name: str) -> str:
+  """Keras' auto-name prefix of a class (keras.src.utils.naming.to_snake_case): "ReLU" -> "re_lu"."""
+  name = re.sub(r"(.)([A-Z][a-z]+)", r"\1_\2", re.sub(r"\W+", "", class_name))
+  return re.sub(r"([a-z])([A-Z])", r"\1_\2", name).lower()
+
+
+def _input_shape_error(arch: str, input_shape: Sequence[int | None], error: ValueError) -> ValueError:
+  match = re.search(r"at least (\d+)x(\d+)", str(error))
+  if match:
+    return ValueError(f"--arch={arch} needs images of at least {match[1]}x{match[2]} pixels, got input shape "
+                      f"{tuple(input_shape)}: raise --image_size (or pick another --arch)")
+  return ValueError(f"--arch={arch}: keras.applications refuses input shape {tuple(input_shape)} (--image_size, "
+                    f"image channels): {error}")
+
+
+def build_keras_application(arch: str, input_shape: tuple[int, int, int], *, policy: str = "float32", seed: int = 0,
+                            sync_batchnorm: bool = False) -> keras.Model:
+  """keras.applications.<Name> for arch="keras.<Name>": untrained, no top, average-pooled, [0, 255] pixels in.
+
+  The application is first built as Keras builds it (a template, global dtype policy, unseeded initializers, own
+  BatchNormalization), then cloned layer by layer from its config (`keras.models.clone_model`) with `policy`, BN
+  `synchronized=sync_batchnorm` and seeded initializers, behind `_standardize`; the template's weights are dropped.
+  The application's own preprocessing is switched off (include_preprocessing=False) where its constructor allows;
+  a leading run of Rescaling / Normalization layers it always builds is replaced by identities, so the fixed
+  standardisation here is the only one, as for every other backbone.
+
+  Seeding: the clone gives every unseeded initializer (and the `seed` of random layers such as Dropout) the next
+  seed of the same per-build stream the other backbones use, so the same seed builds the same weights whatever the
+  global random state, and none is left changed (the template's unseeded initializers draw their seeds from
+  Python's `random`, whose state is restored afterwards).
+
+  Args:
+    arch: "keras.<Name>", one of `keras_application_names()`.
+    input_shape: (H, W, C); H and W may be None.
+    policy: a Keras dtype policy name, e.g. "mixed_bfloat16".
+    seed: seeds every initializer.
+    sync_batchnorm: batch statistics over all replicas (Keras' synchronized BatchNormalization).
+
+  Raises:
+    ValueError: naming --arch (and --image_size) when Keras refuses the input shape, e.g. below its minimum size,
+      or a free height or width for NASNet.
+  """
+  check_arch(arch)
+  if arch in _FIXED_SIZE_ONLY and None in tuple(input_shape)[:2]:
+    raise ValueError(f"--arch={arch} needs a fixed image size, got input shape {tuple(input_shape)}: Keras' NASNet "
+                     "picks its crops from static shapes and fails when run on a free (None) height or width")
+  constructor = getattr(keras.applications, arch[len(KERAS_PREFIX):])
+  kwargs = dict(include_top=False, weights=None, input_shape=tuple(input_shape), pooling="avg")
+  if "include_preprocessing" in inspect.signature(constructor).parameters:
+    kwargs["include_preprocessing"] = False
+  random_state = random.getstate()
+  try:
+    template = constructor(**kwargs)
+  except ValueError as e:
+    raise _input_shape_error(arch, input_shape, e) from e
+  finally:
+    random.setstate(random_state)
+
+  preprocessing = set()
+  for layer in template.layers[1:]:  # layers[0] is the InputLayer; the rest are in graph order.
+    if not isinstance(layer, _PREPROCESSING_LAYERS):
+      break
+    preprocessing.add(id(layer))
+  build = _Build.create(policy, seed, sync_batchnorm)
+  auto_names = collections.Counter()
+
+  def stable_name(layer: keras.Operation) -> str:
+    # Layers Keras named itself ("add_17") carry a process-wide counter: renumber them within this build, so every
+    # build of an arch has the same layer names (weights copied by name, layers tapped by name).
+    prefix = _snake_case(type(layer).__name__)
+    if not re.fullmatch(rf"{re.escape(prefix)}(_\d+)?", layer.name):
+      return layer.name
+    index = auto_names[prefix]
+    auto_names[prefix] += 1
+    return f"{prefix}_{index}" if index else prefix
+
+  def clone_layer(layer: keras.Operation) -> keras.Operation:
+    if id(layer) in preprocessing:
+      return layers.Identity(dtype=policy, name=stable_name(layer))
+    config = _seed_initializers(layer.get_config(), build.seeds)
+    config["name"] = stable_name(layer)
+    if isinstance(layer, layers.Layer):  # Not the graph's bare ops (x + y is keras.ops.Add): they take no dtype.
+      config["dtype"] = policy
+    if isinstance(layer, layers.BatchNormalization):
+      config["synchronized"] = sync_batchnorm
+    return layer.__class__.from_config(config)
+
+  inputs = keras.Input(input_shape, name="images")
+  standardized = _standardize(inputs, policy)
+
+  def call_layer(layer: keras.Operation, *args, **kwargs):
+    # The template's first layers read the images: they read the standardised images instead.
+    args, kwargs = keras.tree.map_structure(lambda value: standardized if value is inputs else value, (args, kwargs))
+    return layer(*args, **kwargs)
+
+  clone = keras.models.clone_model(template, input_tensors=inputs, clone_function=clone_layer,
+                                   call_function=call_layer, recursive=True)
+  return keras.Model(inputs, clone.output, name=arch.replace(".", "_"))
+
+
 def build_backbone(arch: str, input_shape: tuple[int, int, int], *, policy: str = "float32", seed: int = 0,
                    sync_batchnorm: bool = False) -> keras.Model:
-  """Builds BUILDERS[arch] with seeded initializers; raises ValueError naming --arch for an unknown name.
+  """Builds BUILDERS[arch], or a keras.applications model for arch="keras.<Name>", with seeded initializers.
 
-  sync_batchnorm: batch statistics over all replicas of a tf.distribute strategy (no effect on one device).
+  Args:
+    arch: a BUILDERS key or "keras.<Name>" (`arch_names()` lists them all).
+    input_shape: (H, W, C); H and W may be None.
+    policy: a Keras dtype policy name, e.g. "mixed_bfloat16".
+    seed: seeds every initializer: the same seed builds the same weights.
+    sync_batchnorm: batch statistics over all replicas of a tf.distribute strategy (no effect on one device).
+
+  Raises:
+    ValueError: naming --arch for an unknown name (listing the accepted ones), or an input shape too small for a
+      keras.applications model.
   """
-  if arch not in BUILDERS:
-    raise ValueError(f"--arch: unknown architecture {arch!r}, expected one of {', '.join(BUILDERS)}")
+  check_arch(arch)
+  if arch.startswith(KERAS_PREFIX):
+    return build_keras_application(arch, input_shape, policy=policy, seed=seed, sync_batchnorm=sync_batchnorm)
   return BUILDERS[arch](input_shape, policy=policy, seed=seed, sync_batchnorm=sync_batchnorm)

@@ -11,6 +11,16 @@ import dataclasses
 from typing import Any
 
 ARCHS = ("resnet18", "resnet50", "resnet18_cifar", "convnet_small")
+# --arch=keras.<Name>: an untrained keras.applications model (backbones.build_keras_application). Kept here, not
+# asked of Keras, so that flags are validated before TensorFlow loads; tests/backbones_test.py checks this list
+# against the installed Keras (backbones.keras_application_names).
+KERAS_ARCHS = tuple(f"keras.{name}" for name in (
+    "ConvNeXtBase", "ConvNeXtLarge", "ConvNeXtSmall", "ConvNeXtTiny", "ConvNeXtXLarge", "DenseNet121", "DenseNet169",
+    "DenseNet201", "EfficientNetB0", "EfficientNetB1", "EfficientNetB2", "EfficientNetB3", "EfficientNetB4",
+    "EfficientNetB5", "EfficientNetB6", "EfficientNetB7", "EfficientNetV2B0", "EfficientNetV2B1", "EfficientNetV2B2",
+    "EfficientNetV2B3", "EfficientNetV2L", "EfficientNetV2M", "EfficientNetV2S", "InceptionResNetV2", "InceptionV3",
+    "MobileNet", "MobileNetV2", "MobileNetV3Large", "MobileNetV3Small", "NASNetLarge", "NASNetMobile", "ResNet101",
+    "ResNet101V2", "ResNet152", "ResNet152V2", "ResNet50", "ResNet50V2", "VGG16", "VGG19", "Xception"))
 OBJECTIVES = ("nce", "softmax", "parametric")
 NEGATIVE_SAMPLING = ("shared", "per_example")
 LR_SCHEDULES = ("step", "cosine")
@@ -181,7 +191,7 @@ def validate(cfg: Config) -> Config:
   _check(0.0 <= a.blur_prob <= 1.0, "blur_prob", "must be in [0, 1]")
   _check(0.0 <= a.erasing_prob <= 1.0, "erasing_prob", "must be in [0, 1]")
   _check(a.views in (1, 2), "views", f"must be 1 or 2, got {a.views}")
-  _check_choice(m.arch, "arch", ARCHS)
+  _check_choice(m.arch, "arch", ARCHS + KERAS_ARCHS)
   _check(m.embedding_dim > 0, "embedding_dim", "must be > 0")
   _check_choice(m.mixed_precision, "mixed_precision", MIXED_PRECISION)
   _check_choice(b.bank_init, "bank_init", BANK_INITS)
