@@ -255,6 +255,14 @@ class DriversTest(tf.test.TestCase):
     self.assertAllClose(history.history["loss"][0], float(loop_metrics["loss"]), rtol=1e-5)
 
 
+  def test_train_py_trains_a_keras_application_end_to_end(self):
+    model_dir = self.create_tempdir().full_path
+    cfg = testing.tiny_config(model_dir, arch="keras.MobileNetV3Small", image_size=32, epochs=1, num_negatives=8)
+    results = train_lib.run(cfg, tf.distribute.get_strategy(), testing.tiny_source(shape=(8, 8, 3)))
+    self.assertBetween(results["knn_top1"], 0.0, 1.0)
+    self.assertTrue(os.path.exists(os.path.join(model_dir, "final_metrics.json")))
+
+
 class WithInstanceIdsTest(tf.test.TestCase):
 
   def test_ids_follow_the_order_before_any_shuffle(self):
