@@ -1,4 +1,4 @@
-"""Queries/s and recall of exact TF, exact NumPy and ScaNN search, and the SavedModel's embed latency.
+"""Queries/s and recall of exact TF, exact NumPy and ScaNN search (heuristic and tuned), and the embed latency.
 
   python bench/retrieval_bench.py --export_dir=E       # Fashion-MNIST export E + the synthetic 1.28M collection
   python bench/retrieval_bench.py                      # the synthetic collection only (no export yet)
@@ -7,8 +7,10 @@
 
 Per collection, in one process: (a) exact TF search (tf.matmul + tf.math.top_k over the whole collection in a
 tf.function, --tf_batch_size queries at a time), (b) NumPy index.exact_search, which is also the ground truth, and
-(c) the ScaNN searcher of index.choose_settings (build time, size on disk, load time). Each at k = 10 and k = 200:
-queries/s (median of --repeats passes; NumPy one pass), recall against (b), and the speedup over (a). Collections:
+(c) the ScaNN searcher of index.choose_settings (build time, size on disk, load time) and (c') the same searcher
+tuned by index.tune to recall@10 >= --recall_target on --tune_queries separate queries, as export/export.py does
+(or brute force, when the tuning falls back). Each at k = 10 and k = 200: queries/s (median of --repeats passes;
+NumPy one pass), recall against (b), and the speedup over (a). Collections:
 `fashion_mnist` (E/index/embeddings.npy, queried by the Fashion-MNIST test images embedded through the export's
 SavedModel), `synthetic` (clustered unit vectors, a stand-in for ImageNet embeddings) and `uniform` (random unit
 vectors, the worst case). With an export, (d) the serving_default latency per batch size. TensorFlow is imported
@@ -43,6 +45,7 @@ COLLECTIONS = ("fashion_mnist", "synthetic", "uniform")
 KS = (10, 200)
 # --quick replaces these defaults (flags given on the command line still win).
 QUICK_DEFAULTS = {"num_rows": 30_000, "num_queries": 200, "num_classes": 100, "fashion_queries": 500, "repeats": 1,
+                  "tune_queries": 200,
                   "embed_batch_sizes": ["1", "8"], "embed_repeats": 3}
 
 flags.DEFINE_bool("quick", False, f"CI smoke run: {QUICK_DEFAULTS} unless given explicitly.")
@@ -63,6 +66,12 @@ flags.DEFINE_integer("seed", 0, "Seed of the synthetic and uniform data.")
 flags.DEFINE_integer("tf_batch_size", 256, "Queries per tf.matmul + top_k call of exact TF search.")
 flags.DEFINE_integer("repeats", 3, "Timed passes over the queries for TF and ScaNN (median); NumPy runs once.")
 flags.DEFINE_list("scann_overrides", [], "IndexSettings fields to override, e.g. num_leaves_to_search=40,reorder=800.")
+flags.DEFINE_float("recall_target", index.RECALL_TARGET, "scann_tuned: recall@10 that index.tune must reach on the "
+                   "tuning queries (0 < target <= 1).")
+flags.DEFINE_float("tune_seconds", index.TUNE_SECONDS, "scann_tuned: index.tune's time budget.")
+flags.DEFINE_integer("tune_queries", 1_000, "scann_tuned: queries to tune on, apart from the measured ones (synthetic "
+                     "and uniform: drawn the same way; fashion_mnist: the test images after --fashion_queries, else "
+                     "a seeded sample of collection rows).")
 flags.DEFINE_list("embed_batch_sizes", ["1", "8", "64", "256"], "Batch sizes of the serving_default latency.")
 flags.DEFINE_integer("embed_repeats", 20, "Timed serving_default calls per batch size (median).")
 flags.DEFINE_string("output", "bench/results/retrieval.json", "JSON results file.")
@@ -95,9 +104,12 @@ def parse_flags() -> tuple[list[str], dict[str, Any], list[int]]:
   except ValueError as e:
     raise ValueError(f"--embed_batch_sizes: expected integers, got {FLAGS.embed_batch_sizes}") from e
   for name in ("num_rows", "dim", "num_queries", "fashion_queries", "num_classes", "subclusters", "tf_batch_size",
-               "repeats", "embed_repeats"):
+               "repeats", "embed_repeats", "tune_queries"):
     if FLAGS[name].value < 1:
       raise ValueError(f"--{name}: must be >= 1")
+  index.check_recall_target(FLAGS.recall_target, "--recall_target")
+  if not FLAGS.tune_seconds >= 0:
+    raise ValueError(f"--tune_seconds: got {FLAGS.tune_seconds}, expected seconds >= 0")
   if min(batch_sizes, default=0) < 1:
     raise ValueError("--embed_batch_sizes: must be a non-empty list of integers >= 1")
   return collections, overrides, batch_sizes
@@ -142,25 +154,29 @@ def _unit(rows: np.ndarray) -> np.ndarray:
   return rows / np.linalg.norm(rows, axis=1, keepdims=True)
 
 
-def make_synthetic(num_rows: int, num_queries: int, *, uniform: bool) -> tuple[np.ndarray, np.ndarray, str]:
-  """(collection [N, D], queries [Q, D], description): float32 unit rows; queries drawn the same way, not in N."""
+def make_synthetic(num_rows: int, num_queries: int, *, uniform: bool, tune_queries: int = 0
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+  """(collection [N, D], queries [Q, D], tuning queries [T, D], description): float32 unit rows; the queries drawn
+  the same way, not in N; the tuning queries drawn after everything else (so N and Q do not depend on T)."""
   rng = np.random.default_rng(FLAGS.seed)
   dim = FLAGS.dim
   if uniform:
     rows = _unit(rng.standard_normal([num_rows + num_queries, dim], np.float32))
-    return rows[:num_rows], rows[num_rows:], f"uniform random unit vectors (worst case), seed {FLAGS.seed}"
+    tune = _unit(rng.standard_normal([tune_queries, dim], np.float32))
+    return rows[:num_rows], rows[num_rows:], tune, f"uniform random unit vectors (worst case), seed {FLAGS.seed}"
   classes = _unit(rng.standard_normal([FLAGS.num_classes, dim], np.float32))
   centres = _unit(np.repeat(classes, FLAGS.subclusters, 0) + FLAGS.class_noise / np.sqrt(dim) *
                   rng.standard_normal([FLAGS.num_classes * FLAGS.subclusters, dim], np.float32))
   rows = np.empty([num_rows + num_queries, dim], np.float32)
-  for start in range(0, len(rows), 1 << 18):  # In slices: the noise of all rows at once would double the memory.
-    part = rows[start:start + (1 << 18)]
+  tune = np.empty([tune_queries, dim], np.float32)
+  for part in [rows[start:start + (1 << 18)] for start in range(0, len(rows), 1 << 18)] + [tune]:
+    # In slices: the noise of all rows at once would double the memory.
     part[:] = _unit(centres[rng.integers(0, len(centres), len(part))] + FLAGS.point_noise / np.sqrt(dim) *
                     rng.standard_normal(part.shape, np.float32))
   description = (f"SYNTHETIC stand-in for ImageNet embeddings (not learned): {FLAGS.num_classes:,} class centres x "
                  f"{FLAGS.subclusters} sub-centres, class noise {FLAGS.class_noise}, point noise "
                  f"{FLAGS.point_noise}, seed {FLAGS.seed}")
-  return rows[:num_rows], rows[num_rows:], description
+  return rows[:num_rows], rows[num_rows:], tune, description
 
 
 def _saved_model_dir(export_dir: str) -> str:
@@ -171,21 +187,27 @@ def _saved_model_dir(export_dir: str) -> str:
   return max(versions, key=lambda path: int(os.path.basename(path)))
 
 
-def load_fashion(export_dir: str, batch_sizes: list[int]) -> tuple[np.ndarray, np.ndarray, str, dict[str, Any]]:
-  """(collection, queries, description, embed latency) from an export and the Fashion-MNIST test images."""
+def load_fashion(export_dir: str, batch_sizes: list[int]
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, str, dict[str, Any]]:
+  """(collection, queries, tuning queries or None, description, embed latency) from an export and the Fashion-MNIST
+  test images: the first --fashion_queries are measured, the next --tune_queries (if the file has them) tune."""
   import tensorflow as tf
 
   from tf_instdisc import data
 
   collection = np.load(os.path.join(export_dir, "index", "embeddings.npy"))
-  images = data.read_idx(FLAGS.fashion_images)[:FLAGS.fashion_queries].astype(np.float32)[..., None]  # [Q, 28, 28, 1]
+  images = data.read_idx(FLAGS.fashion_images)[:FLAGS.fashion_queries + FLAGS.tune_queries]
+  images = images.astype(np.float32)[..., None]  # [Q + T, 28, 28, 1]
   saved_model = _saved_model_dir(export_dir)
   embed = tf.saved_model.load(saved_model).signatures["serving_default"]
   start = time.perf_counter()
   queries = np.concatenate([embed(images=tf.constant(images[i:i + 256]))["embeddings"].numpy()
                             for i in range(0, len(images), 256)])
   embed_seconds = time.perf_counter() - start
-  latency = {"saved_model": saved_model, "embed_all_queries_seconds": embed_seconds, "batches": []}
+  queries, tune = queries[:FLAGS.fashion_queries], queries[FLAGS.fashion_queries:]
+  images = images[:FLAGS.fashion_queries]
+  latency = {"saved_model": saved_model, "embed_all_queries_seconds": embed_seconds,
+             "embedded_images": len(queries) + len(tune), "batches": []}
   for batch_size in batch_sizes:
     batch = tf.constant(np.resize(images, [batch_size, *images.shape[1:]]))
     for _ in range(2):
@@ -200,7 +222,7 @@ def load_fashion(export_dir: str, batch_sizes: list[int]) -> tuple[np.ndarray, n
                                "ms_per_image": median_ms / batch_size, "calls": len(times)})
   description = (f"learned Fashion-MNIST train embeddings from {export_dir}; queries: {len(queries):,} test images "
                  f"embedded through {saved_model} (serving_default)")
-  return collection, queries, description, latency
+  return collection, queries, tune if len(tune) else None, description, latency
 
 
 def _timed(search, queries: np.ndarray, repeats: int) -> tuple[np.ndarray, float]:
@@ -230,10 +252,15 @@ def make_tf_search(collection: np.ndarray, k: int):
   return search
 
 
-def measure(collection: np.ndarray, queries: np.ndarray, overrides: dict[str, Any]) -> dict[str, Any]:
-  """The three methods on one collection: per method and k, queries/s and recall against NumPy exact search."""
+def measure(collection: np.ndarray, queries: np.ndarray, overrides: dict[str, Any], tune_queries: np.ndarray | None
+            = None) -> dict[str, Any]:
+  """The methods on one collection: per method and k, queries/s and recall against NumPy exact search.
+
+  scann_tuned is scann after index.tune on tune_queries (default: a seeded sample of --tune_queries collection
+  rows, each of which finds itself, as export/export.py does without held-out queries).
+  """
   meter = CpuMeter()
-  methods = {name: {} for name in ("tf_exact", "numpy_exact", "scann")}
+  methods = {name: {} for name in ("tf_exact", "numpy_exact", "scann", "scann_tuned")}
   index.exact_search(queries[:8], collection, max(KS))  # Warm up (BLAS threads, first touch of the pages).
   for k in KS:
     methods["numpy_exact"][k] = _timed(lambda q, k=k: index.exact_search(q, collection, k)[0], queries, 1)
@@ -248,6 +275,18 @@ def measure(collection: np.ndarray, queries: np.ndarray, overrides: dict[str, An
     index.search(searcher, queries[:100], k, settings=settings)  # Warm up.
     methods["scann"][k] = _timed(lambda q, k=k: index.search(searcher, q, k, settings=settings)[0], queries,
                                  FLAGS.repeats)
+  tune_from = "separate queries drawn like the measured ones"
+  if tune_queries is None:
+    rows = np.random.default_rng(FLAGS.seed).permutation(len(collection))[:FLAGS.tune_queries]
+    tune_queries, tune_from = collection[rows], "a seeded sample of collection rows (each finds itself)"
+  tuned, tuned_settings, tuning = index.tune(searcher, collection, tune_queries, settings,
+                                             target=FLAGS.recall_target, seconds=FLAGS.tune_seconds)
+  tuned_facts = {"settings": tuned_settings.to_dict(), "tuning": tuning, "tune_queries": len(tune_queries),
+                 "tune_queries_from": tune_from}
+  for k in KS:
+    index.search(tuned, queries[:100], k, settings=tuned_settings)  # Warm up.
+    methods["scann_tuned"][k] = _timed(lambda q, k=k: index.search(tuned, q, k, settings=tuned_settings)[0],
+                                       queries, FLAGS.repeats)
   rows = []
   for name, per_k in methods.items():
     row = {"method": name}
@@ -258,7 +297,7 @@ def measure(collection: np.ndarray, queries: np.ndarray, overrides: dict[str, An
                       "speedup_vs_tf_exact": rate / methods["tf_exact"][k][1]}
     rows.append(row)
   return {"num_rows": len(collection), "dim": collection.shape[1], "num_queries": len(queries), "methods": rows,
-          "scann": scann_facts, "other_processes_cores": meter.other_cores()}
+          "scann": scann_facts, "scann_tuned": tuned_facts, "other_processes_cores": meter.other_cores()}
 
 
 def _save_and_load(searcher) -> dict[str, Any]:
@@ -285,12 +324,14 @@ def run_collection(name: str, overrides: dict[str, Any], batch_sizes: list[int])
   start = time.perf_counter()
   latency = None
   if name == "fashion_mnist":
-    collection, queries, description, latency = load_fashion(FLAGS.export_dir, batch_sizes)
+    collection, queries, tune_queries, description, latency = load_fashion(FLAGS.export_dir, batch_sizes)
   else:
-    collection, queries, description = make_synthetic(FLAGS.num_rows, FLAGS.num_queries, uniform=name == "uniform")
+    collection, queries, tune_queries, description = make_synthetic(
+        FLAGS.num_rows, FLAGS.num_queries, uniform=name == "uniform", tune_queries=FLAGS.tune_queries)
   logging.info("%s: %s x %d collection, %d queries (%.0f s to make)", name, f"{len(collection):,}",
                collection.shape[1], len(queries), time.perf_counter() - start)
-  result = {"collection": name, "description": description, **measure(collection, queries, overrides)}
+  result = {"collection": name, "description": description,
+            **measure(collection, queries, overrides, tune_queries)}
   if latency is not None:
     result["embed_latency"] = latency
   return result
@@ -319,6 +360,16 @@ def markdown(report: dict[str, Any]) -> str:
                  f"built in {scann['build_seconds']:.1f} s, {scann['index_bytes'] / 2**20:.1f} MiB on disk "
                  f"(saved in {scann['save_seconds']:.1f} s, loaded in {scann['load_seconds']:.1f} s). Other "
                  f"processes used {group['other_processes_cores']:.2f} cores on average meanwhile.")
+    tuned = group.get("scann_tuned")
+    if tuned:
+      tuning, chosen = tuned["tuning"], tuned["settings"]
+      what = ("brute force (fell back: " + tuning["stopped"] + ")" if tuning["fell_back"] else
+              f"{chosen['num_leaves_to_search']} of {chosen['num_leaves']} leaves, reorder {chosen['reorder']}"
+              if chosen["kind"] == "tree_ah" else chosen["kind"])
+      tried = len(tuning["tried"])
+      notes.append(f"{name} scann_tuned: recall@10 target {tuning['recall_target']} on {tuned['tune_queries']:,} "
+                   f"{tuned['tune_queries_from']}: {what}, recall@10 {tuning['recall_at_10']:.4f} there after "
+                   f"{tried} setting{'s' if tried != 1 else ''} in {tuning['seconds']:.1f} s.")
     if "embed_latency" in group:
       notes.append("serving_default latency (" + group["embed_latency"]["saved_model"] + "): " + "; ".join(
           f"batch {b['batch_size']}: {b['median_ms_per_batch']:.2f} ms ({b['ms_per_image']:.3f} ms/image)"
@@ -360,7 +411,8 @@ def main(argv: list[str]) -> int:
   settings = {name: FLAGS[name].value for name in
               ("quick", "collections", "export_dir", "fashion_images", "fashion_queries", "num_rows", "dim",
                "num_queries", "num_classes", "subclusters", "class_noise", "point_noise", "seed", "tf_batch_size",
-               "repeats", "scann_overrides", "embed_batch_sizes", "embed_repeats")}
+               "repeats", "scann_overrides", "recall_target", "tune_seconds", "tune_queries", "embed_batch_sizes",
+               "embed_repeats")}
   report = {"benchmark": "retrieval", "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
             "machine": machine_facts(), "settings": settings, "ks": list(KS), "results": []}
   errors = 0

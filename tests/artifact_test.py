@@ -83,6 +83,22 @@ class ArtifactTest(tf.test.TestCase):
     shutil.copytree(self.export_dir, copy)
     return copy
 
+  @staticmethod
+  def _edit_manifest(export_dir: str, edit) -> None:
+    """Applies edit(manifest) to export_dir/manifest.json and rewrites it (the files keep their recorded sizes)."""
+    path = os.path.join(export_dir, "manifest.json")
+    with open(path) as f:
+      manifest = json.load(f)
+    edit(manifest)
+    with open(path, "w") as f:
+      json.dump(manifest, f)
+
+  def _replace_array(self, export_dir: str, relative: str, array: np.ndarray) -> None:
+    """A new .npy file with its size recorded in the manifest, so only the cross-checks can tell."""
+    np.save(os.path.join(export_dir, relative), array)
+    size = os.path.getsize(os.path.join(export_dir, relative))
+    self._edit_manifest(export_dir, lambda manifest: manifest["files"].update({relative: size}))
+
   def test_layout_and_manifest(self):
     manifest = self.exported.manifest
     self.assertEqual(manifest["format"], artifact.FORMAT)
@@ -100,6 +116,10 @@ class ArtifactTest(tf.test.TestCase):
     self.assertEqual(manifest["knn"], {"k": self.cfg.eval.knn_k, "temperature": self.cfg.eval.knn_temperature})
     self.assertEqual(manifest["index"]["kind"], "brute_force")  # 64 items: below index.EXACT_BELOW.
     self.assertEqual(manifest["index"]["recall_at_10"], 1.0)
+    self.assertEqual(manifest["index"]["recall_target"], 0.95)
+    self.assertEqual(manifest["index"]["recall_queries_from"], "held-out queries")
+    self.assertFalse(manifest["index"]["fell_back"])
+    self.assertLen(manifest["index"]["tuning"]["tried"], 1)  # Brute force: measured, nothing to tune.
     self.assertEqual(manifest["versions"]["tensorflow"], tf.__version__)
     self.assertEqual(config_lib.from_dict(manifest["config"]), self.cfg)
     self.assertEqual(set(manifest["files"]), {os.path.relpath(p, self.export_dir) for p in glob.glob(
@@ -318,6 +338,68 @@ class ArtifactTest(tf.test.TestCase):
       damage(os.path.join(export_dir, relative))
       with self.assertRaisesRegex(ValueError, message):
         tf_instdisc.load(export_dir)
+
+  def test_a_manifest_that_disagrees_with_its_files_is_refused_naming_both(self):
+    version = self.exported.manifest["saved_model"]["version"]
+    embeddings = self.exported.embeddings
+
+    def set_key(*keys_and_value):
+      *keys, last, value = keys_and_value
+
+      def edit(manifest):
+        entry = manifest
+        for key in keys:
+          entry = entry[key]
+        entry[last] = value
+      return edit
+
+    cases = {
+        "embedding_dim": (set_key("embedding_dim", 32),
+                          "manifest.json says embedding_dim 32, index/embeddings.npy has 16 columns"),
+        "collection_size": (set_key("collection", "size", 65),
+                            "manifest.json says collection size 65, index/embeddings.npy has 64 rows"),
+        "input_shape": (set_key("inputs", "images", "shape", [None, 32, 32, 1]),
+                        f"manifest.json says inputs.images shape [None, 32, 32, 1], saved_model/{version} "
+                        "serving_default takes [None, 28, 28, 1]"),
+        "labelled": (set_key("collection", "labelled", False),
+                     "manifest.json says collection labelled false, but index/labels.npy exists"),
+        "index_kind": (set_key("index", "settings", "kind", "tree_ah"),
+                       "manifest.json says index kind tree_ah, index/scann/ is a brute_force searcher"),
+        "float64": (lambda d: self._replace_array(d, "index/embeddings.npy", embeddings.astype(np.float64)),
+                    "index/embeddings.npy holds float64, but a tf_instdisc.export/1 export (manifest.json) stores "
+                    "float32"),
+        "short_ids": (lambda d: self._replace_array(d, "index/ids.npy", self.exported.ids[:63]),
+                      "manifest.json says collection size 64, index/ids.npy has 63 rows"),
+        "other_model": (lambda d: (self._replace_array(d, "index/embeddings.npy", np.tile(embeddings, 2)),
+                                   self._edit_manifest(d, set_key("embedding_dim", 32))),
+                        f"manifest.json says embedding_dim 32, saved_model/{version} serving_default returns "
+                        "embeddings of 16"),
+    }
+    for name, (damage, message) in cases.items():
+      with self.subTest(name):
+        export_dir = self._copy()
+        if name in ("float64", "short_ids", "other_model"):
+          damage(export_dir)
+        else:
+          self._edit_manifest(export_dir, damage)
+        artifact.read_manifest(export_dir)  # The sizes still agree: only the cross-checks refuse it.
+        with self.assertRaises(ValueError) as raised:
+          tf_instdisc.load(export_dir)
+        self.assertEqual(str(raised.exception), f"export {export_dir}: {message}")
+
+  def test_search_command_prints_the_refusal_and_exits_non_zero(self):
+    export_dir = self._copy()
+    self._edit_manifest(export_dir, lambda manifest: manifest.update(embedding_dim=32))
+    query = os.path.join(self.create_tempdir().full_path, "q.png")
+    tf.io.write_file(query, tf.io.encode_png(_fashion_images(1)[0]))
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run([sys.executable, os.path.join(testing.REPO_ROOT, "export", "search.py"),
+                             f"--export_dir={export_dir}", f"--image={query}"], cwd=testing.REPO_ROOT, env=env,
+                            capture_output=True, text=True, timeout=300, check=False)
+    self.assertEqual(result.returncode, 1, result.stderr[-3000:])
+    self.assertEqual(result.stdout, "")
+    self.assertEqual([line for line in result.stderr.splitlines() if "manifest.json" in line], [
+        f"search.py: export {export_dir}: manifest.json says embedding_dim 32, index/embeddings.npy has 16 columns"])
 
   def test_corrupt_scann_index_is_named(self):
     export_dir = self._copy()

@@ -1,4 +1,5 @@
-"""index: exact search vs float64 NumPy, recall math, settings, ScaNN recall floor, save/load and corrupt dirs."""
+"""index: exact search vs float64 NumPy, recall math, settings, ScaNN recall floor, tuning to a recall target (and
+the manifest's record of it), save/load and corrupt dirs."""
 
 from tests import testing  # First: splits the CPU before TensorFlow starts.
 
@@ -11,14 +12,17 @@ import re
 import shutil
 import subprocess
 import tempfile
+from unittest import mock
 
 import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
 
+from tf_instdisc import artifact
 from tf_instdisc import index
 
 CLUSTERED_ROWS, CLUSTERED_DIM = 30_000, 64  # Above index.EXACT_BELOW, so choose_settings picks tree_ah.
+UNIFORM_ROWS, UNIFORM_DIM = index.EXACT_BELOW, 32  # The smallest tree_ah collection; uniform: the heuristic's worst.
 
 
 def _unit(rows):
@@ -130,6 +134,117 @@ class SettingsTest(parameterized.TestCase, tf.test.TestCase):
     self.assertIn("[0 1 2]", result.stdout)
     self.assertIn("ImportError", result.stderr)
     self.assertIn("pip install scann==1.4.2", result.stderr)
+
+
+class TuneTest(tf.test.TestCase):
+  """Uniform random unit vectors: choose_settings' heuristic misses recall@10 0.95 (measured 0.74); tune reaches it."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.keys = _random_unit(UNIFORM_ROWS, UNIFORM_DIM, seed=11)
+    cls.queries, cls.fresh_queries = _random_unit(300, UNIFORM_DIM, seed=12), _random_unit(300, UNIFORM_DIM, seed=13)
+    cls.settings = index.choose_settings(UNIFORM_ROWS, k=200)
+    cls.tree = index.build_searcher(cls.keys, cls.settings, k=200)
+
+  def _recall(self, searcher, settings, queries):
+    true_ids, _ = index.exact_search(queries, self.keys, 10)
+    return index.recall_at_k(index.search(searcher, queries, 10, settings=settings)[0], true_ids)
+
+  def test_heuristic_misses_the_target_and_tuning_reaches_it(self):
+    self.assertEqual(self.settings.kind, "tree_ah")
+    heuristic = self._recall(self.tree, self.settings, self.queries)
+    self.assertLess(heuristic, 0.95)
+    searcher, chosen, record = index.tune(self.tree, self.keys, self.queries, self.settings)
+    self.assertEqual(record["recall_target"], 0.95)
+    self.assertEqual(record["tried"][0], {**record["tried"][0], "num_leaves_to_search": 20, "reorder": 500,
+                                          "recall_at_10": round(heuristic, 4)})
+    self.assertTrue(all(step["recall_at_10"] < 0.95 for step in record["tried"][:-1]), record["tried"])
+    self.assertEqual(record["recall_at_10"], record["tried"][-1]["recall_at_10"])
+    if record["fell_back"]:  # Allowed, but on this data the tree reaches the target (measured: 80 of 141 leaves).
+      self.assertEqual((chosen.kind, record["recall_at_10"]), ("brute_force", 1.0))
+    else:
+      self.assertIs(searcher, self.tree)  # Search-time settings only: no rebuild.
+      self.assertEqual(record["stopped"], "target met")
+      self.assertEqual((chosen.kind, chosen.num_leaves, chosen.training_sample_size),
+                       ("tree_ah", self.settings.num_leaves, self.settings.training_sample_size))
+      self.assertGreater(chosen.num_leaves_to_search, self.settings.num_leaves_to_search)
+      self.assertGreaterEqual(record["recall_at_10"], 0.95)
+    self.assertAllClose(self._recall(searcher, chosen, self.queries), record["recall_at_10"], atol=1e-4)
+    self.assertGreaterEqual(self._recall(searcher, chosen, self.fresh_queries), 0.93)  # Not fitted to its queries.
+
+  def test_no_time_left_falls_back_to_brute_force(self):
+    searcher, chosen, record = index.tune(self.tree, self.keys, self.queries, self.settings, seconds=0)
+    self.assertEqual(chosen, index.IndexSettings(kind="brute_force"))
+    self.assertTrue(record["fell_back"])
+    self.assertEqual(record["recall_at_10"], 1.0)
+    self.assertEqual(record["stopped"], "time budget of 0 s spent below the target")
+    self.assertEqual([step["kind"] for step in record["tried"]], ["tree_ah", "brute_force"])
+    self.assertEqual(searcher.size(), UNIFORM_ROWS)
+    self.assertEqual(self._recall(searcher, chosen, self.fresh_queries), 1.0)
+
+  def test_every_leaf_below_the_target_falls_back_to_brute_force(self):
+    real_search = index.search
+
+    def spoiled(searcher, queries, k, *, settings=None):  # The tree never finds the true first neighbour.
+      ids, scores = real_search(searcher, queries, k, settings=settings)
+      if settings.kind == "tree_ah":
+        ids[:, 0] = -1
+      return ids, scores
+
+    with mock.patch.object(index, "search", side_effect=spoiled):
+      _, chosen, record = index.tune(self.tree, self.keys, self.queries, self.settings)
+    self.assertEqual((chosen.kind, record["fell_back"], record["recall_at_10"]), ("brute_force", True, 1.0))
+    self.assertEqual(record["stopped"], f"every leaf ({self.settings.num_leaves}) searched below the target")
+    leaves = [step["num_leaves_to_search"] for step in record["tried"] if step["kind"] == "tree_ah"]
+    self.assertEqual(sorted(set(leaves)), [20, 40, 80, 141])  # Doubling, then every leaf.
+
+  def test_brute_force_is_measured_not_tuned(self):
+    keys, queries = _random_unit(500, 8, seed=14), _random_unit(20, 8, seed=15)
+    exact = index.choose_settings(len(keys))
+    searcher = index.build_searcher(keys, exact)
+    tuned, chosen, record = index.tune(searcher, keys, queries, exact, target=1.0)
+    self.assertIs(tuned, searcher)
+    self.assertEqual((chosen, record["recall_at_10"], record["fell_back"]), (exact, 1.0, False))
+    self.assertLen(record["tried"], 1)
+
+  def test_recall_target_is_checked(self):
+    self.assertEqual(index.check_recall_target(1), 1.0)
+    for bad in (0, -0.5, 1.01, float("nan"), True, "0.9"):
+      with self.assertRaisesRegex(ValueError, r"^--recall_target: got .*, expected a recall@10 target with 0 < "
+                                              r"target <= 1$"):
+        index.check_recall_target(bad, "--recall_target")
+    with self.assertRaisesRegex(ValueError, "^--recall_target: got 0"):
+      artifact.write_export("/no/model_dir", os.path.join(self.create_tempdir().full_path, "e"), recall_target=0)
+    with self.assertRaisesRegex(ValueError, "^--tune_seconds: got -1"):
+      artifact.write_export("/no/model_dir", os.path.join(self.create_tempdir().full_path, "e"), tune_seconds=-1)
+    with self.assertRaisesRegex(ValueError, "^recall_target: got 1.5"):
+      artifact.export_model(None, np.zeros([4, 8, 8, 1]), os.path.join(self.create_tempdir().full_path, "e"),
+                            recall_target=1.5)
+    result = subprocess.run([testing.python(), os.path.join("export", "export.py"), "--model_dir=/no",
+                             "--export_dir=/no/e", "--recall_target=0"], cwd=testing.REPO_ROOT, capture_output=True,
+                            text=True, timeout=60, check=False)  # Refused while parsing flags: before TensorFlow.
+    self.assertEqual(result.returncode, 1)
+    self.assertIn("flag --recall_target=0.0: expected 0 < target <= 1", result.stderr)
+
+  def test_the_manifest_entry_records_the_tuning_and_search_uses_it(self):
+    for tune_seconds in (60.0, 0.0):  # Tuned; then no time to tune: the saved index is the brute-force fallback.
+      directory = os.path.join(self.create_tempdir().full_path, "scann")
+      info = artifact._build_index(self.keys, self.queries, directory, k=200, tune_seconds=tune_seconds)
+      self.assertEqual(info["recall_target"], 0.95)
+      self.assertEqual(info["recall_queries"], len(self.queries))
+      self.assertGreaterEqual(info["recall_at_10"], 0.95)
+      self.assertEqual(info["kind"], info["settings"]["kind"])
+      self.assertEqual(info["fell_back"], info["kind"] == "brute_force")
+      self.assertEqual(info["fell_back"], tune_seconds == 0)
+      tuning = info["tuning"]
+      self.assertEqual(tuning["tried"][0]["num_leaves_to_search"], self.settings.num_leaves_to_search)
+      self.assertLess(tuning["tried"][0]["recall_at_10"], 0.95)
+      self.assertEqual(tuning["budget_seconds"], tune_seconds)
+      json.dumps(info)  # The manifest is JSON.
+      settings = index.IndexSettings.from_dict(info["settings"])  # What artifact.Export searches with.
+      self.assertAllClose(self._recall(index.load_searcher(directory), settings, self.queries), info["recall_at_10"],
+                          atol=1e-4)
 
 
 class SearcherTest(parameterized.TestCase, tf.test.TestCase):

@@ -31,6 +31,7 @@ import datetime
 import glob
 import importlib.metadata
 import json
+import numbers
 import os
 import platform
 import shutil
@@ -199,7 +200,8 @@ def _versions() -> dict[str, str | None]:
 def write_export(model_dir: str, export_dir: str, *, overwrite: bool = False, version: int | None = None,
                  index: str = "scann", knn_k: int | None = None, knn_temperature: float | None = None,
                  collection_examples: int | None = None, batch_size: int = 256, recall_queries: int = 1000,
-                 backbone: bool = True) -> str:
+                 backbone: bool = True, recall_target: float = index_lib.RECALL_TARGET,
+                 tune_seconds: float = index_lib.TUNE_SECONDS) -> str:
   """Exports the latest checkpoint of a train.py model dir (export/export.py's flags document the arguments).
 
   Restores the model (float32 compute, whatever the training precision), embeds the collection (the clean train
@@ -220,6 +222,8 @@ def write_export(model_dir: str, export_dir: str, *, overwrite: bool = False, ve
     raise ValueError(f"--index: got {index!r}, expected scann or none")
   if index == "scann" and not index_lib.scann_available():
     raise ValueError("--index=scann needs the scann package (pip install scann==1.4.2); or pass --index=none")
+  recall_target = index_lib.check_recall_target(recall_target, "--recall_target")
+  tune_seconds = _check_tune_seconds(tune_seconds, "--tune_seconds")
   run = features.load_run(model_dir)
   cfg, model, checkpoint, step = run.cfg, run.model, run.checkpoint, run.step
   data_cfg = cfg.data
@@ -253,7 +257,8 @@ def write_export(model_dir: str, export_dir: str, *, overwrite: bool = False, ve
   return _write_artifact(
       export_dir, model, spec, collection, overwrite=overwrite, version=step if version is None else version,
       index=index, knn_k=knn_k, temperature=temperature, queries=held_out_queries, recall_queries=recall_queries,
-      backbone_writer=backbone_writer if backbone else None, paths=source.train.files, start=start, manifest={
+      recall_target=recall_target, tune_seconds=tune_seconds, backbone_writer=backbone_writer if backbone else None,
+      paths=source.train.files, start=start, manifest={
           "dataset": cfg.data.dataset, "embedding_dim": cfg.model.embedding_dim,
           "collection": {"size": len(embeddings), "source": "train split, clean views, final network",
                          "labelled": labelled, "num_classes": source.num_classes,
@@ -264,13 +269,14 @@ def write_export(model_dir: str, export_dir: str, *, overwrite: bool = False, ve
 
 def _write_artifact(export_dir: str, model: keras.Model, spec: export_lib.ServingSpec,
                     collection: export_lib.Collection, *, overwrite: bool, version: int, index: str, knn_k: int,
-                    temperature: float, queries, recall_queries: int, backbone_writer, paths: Sequence[str] | None,
-                    start: float, manifest: dict[str, Any]) -> str:
+                    temperature: float, queries, recall_queries: int, recall_target: float, tune_seconds: float,
+                    backbone_writer, paths: Sequence[str] | None, start: float, manifest: dict[str, Any]) -> str:
   """Builds the SavedModel, the index and (with backbone_writer) the backbone in a staging dir beside export_dir,
   writes the manifest last and commits; on any failure nothing is left behind and export_dir is untouched.
 
-  `queries` is a callable giving held-out query embeddings for the index's recall (or None: then a seeded sample
-  of collection rows); `manifest` holds the entries that depend on where the model came from.
+  `queries` is a callable giving held-out query embeddings to tune the index on (or None: then a seeded sample of
+  recall_queries collection rows, each of which finds itself); `manifest` holds the entries that depend on where
+  the model came from.
   """
   embeddings = collection.embeddings
   staging = staging_dir(export_dir)
@@ -283,10 +289,14 @@ def _write_artifact(export_dir: str, model: keras.Model, spec: export_lib.Servin
     index_info = {"kind": "none", "settings": None}
     if index == "scann":
       held_out = queries() if queries is not None else None
+      queries_from = "held-out queries"
       if held_out is None:
         rows = np.random.default_rng(0).permutation(len(embeddings))[:recall_queries]
-        held_out = embeddings[rows]
-      index_info = _build_index(embeddings, held_out, os.path.join(index_dir, SCANN_DIR), k=knn_k)
+        held_out, queries_from = embeddings[rows], "a seeded sample of collection rows (each finds itself)"
+      index_info = _build_index(embeddings, held_out, os.path.join(index_dir, SCANN_DIR), k=knn_k,
+                                recall_target=recall_target, tune_seconds=tune_seconds)
+      if len(held_out):
+        index_info["recall_queries_from"] = queries_from
     write_manifest(staging, {
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "inputs": {
@@ -314,7 +324,8 @@ def _write_artifact(export_dir: str, model: keras.Model, spec: export_lib.Servin
 def export_model(model: keras.Model, images: np.ndarray, export_dir: str, *, labels: np.ndarray | None = None,
                  class_names: Sequence[str] = (), queries: np.ndarray | None = None, knn_k: int = 200,
                  knn_temperature: float = 0.07, index: str = "scann", overwrite: bool = False,
-                 version: int | None = None, batch_size: int = _BATCH) -> str:
+                 version: int | None = None, batch_size: int = _BATCH, recall_target: float = index_lib.RECALL_TARGET,
+                 tune_seconds: float = index_lib.TUNE_SECONDS) -> str:
   """Exports a model trained in Python (e.g. InstanceDiscrimination with fit), without a train.py model dir: the
   same artifact as export/export.py (SavedModel signatures, index, manifest), without the backbone/ files.
 
@@ -326,19 +337,23 @@ def export_model(model: keras.Model, images: np.ndarray, export_dir: str, *, lab
     export_dir: where to write; must not exist unless overwrite.
     labels: int [N] class labels of the collection (the knn signatures then vote a label), or None.
     class_names: names of the classes, when labelled.
-    queries: held-out images [Q, H, W, C] to measure the index's recall@10 (default: 1,000 collection rows).
+    queries: held-out images [Q, H, W, C] to tune the index on and measure its recall@10 (default: a seeded
+      sample of 1,000 collection rows).
     knn_k: neighbours of the knn signatures (clipped to N).
     knn_temperature: the vote's temperature.
     index: "scann" or "none" (exact search).
     overwrite: replace an existing export_dir once the new export is complete.
     version: the SavedModel version; default the model's step counter (0 for other models).
     batch_size: images per batch when embedding.
+    recall_target: the ScaNN index's search settings are raised until recall@10 on the queries reaches this
+      (0 < target <= 1), else it is exact brute force (index.tune).
+    tune_seconds: time budget of that tuning (>= 0).
 
   Returns:
     The absolute export dir.
 
   Raises:
-    ValueError: naming the argument (images, labels, index, export_dir).
+    ValueError: naming the argument (images, labels, index, export_dir, recall_target, tune_seconds).
   """
   start = time.time()
   export_dir = os.path.abspath(export_dir)
@@ -348,6 +363,8 @@ def export_model(model: keras.Model, images: np.ndarray, export_dir: str, *, lab
     raise ValueError(f"index: got {index!r}, expected scann or none")
   if index == "scann" and not index_lib.scann_available():
     raise ValueError("index='scann' needs the scann package (pip install scann==1.4.2); or pass index='none'")
+  recall_target = index_lib.check_recall_target(recall_target, "recall_target")
+  tune_seconds = _check_tune_seconds(tune_seconds, "tune_seconds")
   images = np.asarray(images)
   if images.ndim != 4 or images.shape[1] != images.shape[2] or len(images) == 0:
     raise ValueError(f"images: expected square images [N, S, S, C], got shape {images.shape}")
@@ -373,7 +390,8 @@ def export_model(model: keras.Model, images: np.ndarray, export_dir: str, *, lab
       export_dir, embedding_model, spec, collection, overwrite=overwrite,
       version=step if version is None else version, index=index, knn_k=min(knn_k, len(images)),
       temperature=knn_temperature, queries=None if queries is None else (lambda: embed(np.asarray(queries))),
-      recall_queries=1000, backbone_writer=None, paths=None, start=start, manifest={
+      recall_queries=1000, recall_target=recall_target, tune_seconds=tune_seconds, backbone_writer=None, paths=None,
+      start=start, manifest={
           "dataset": "custom", "embedding_dim": int(embeddings.shape[1]),
           "collection": {"size": len(images), "source": "images given to export_model", "labelled": labels is not None,
                          "num_classes": num_classes, "class_names": list(class_names), "has_paths": False},
@@ -381,20 +399,38 @@ def export_model(model: keras.Model, images: np.ndarray, export_dir: str, *, lab
           "model": {"class": type(model).__name__, "settings": config_lib.json_ready(settings)}})
 
 
-def _build_index(embeddings: np.ndarray, queries: np.ndarray, directory: str, *, k: int) -> dict[str, Any]:
-  """Builds and saves the ScaNN searcher and measures its recall@10 on `queries`; the manifest's "index" entry."""
+def _check_tune_seconds(value: float, name: str) -> float:
+  if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0:
+    raise ValueError(f"{name}: got {value!r}, expected seconds >= 0")
+  return float(value)
+
+
+def _build_index(embeddings: np.ndarray, queries: np.ndarray, directory: str, *, k: int,
+                 recall_target: float = index_lib.RECALL_TARGET, tune_seconds: float = index_lib.TUNE_SECONDS
+                 ) -> dict[str, Any]:
+  """Builds the ScaNN searcher, tunes it to recall_target on `queries` (index.tune) and saves it.
+
+  Returns:
+    The manifest's "index" entry: kind and settings (what `Export.search` searches with), build_seconds,
+    recall_target, and with queries recall_at_10 (of those settings), recall_queries, fell_back (to brute force)
+    and tuning (index.tune's record: every setting tried with its recall, why it stopped, the seconds).
+  """
+  recall_target = index_lib.check_recall_target(recall_target)
   settings = index_lib.choose_settings(len(embeddings), k=k)
   start = time.time()
   searcher = index_lib.build_searcher(embeddings, settings, k=k)
-  info = {"kind": settings.kind, "settings": settings.to_dict(), "build_seconds": round(time.time() - start, 2)}
-  index_lib.save_searcher(searcher, directory)
+  info = {"kind": settings.kind, "settings": settings.to_dict(), "build_seconds": round(time.time() - start, 2),
+          "recall_target": recall_target}
   if len(queries):
-    recall_k = min(10, len(embeddings))
-    found, _ = index_lib.search(searcher, queries, recall_k, settings=settings)
-    true, _ = index_lib.exact_search(queries, embeddings, recall_k)
-    info.update(recall_at_10=round(float(index_lib.recall_at_k(found, true)), 4), recall_queries=len(queries))
-    logging.info("index %s: recall@%d %.4f on %d held-out queries, built in %.1f s", settings.kind, recall_k,
-                 info["recall_at_10"], len(queries), info["build_seconds"])
+    searcher, settings, tuning = index_lib.tune(searcher, embeddings, queries, settings, target=recall_target,
+                                                seconds=tune_seconds)
+    tuning.pop("recall_target")
+    info.update(kind=settings.kind, settings=settings.to_dict(), recall_at_10=tuning.pop("recall_at_10"),
+                recall_queries=len(queries), fell_back=tuning.pop("fell_back"), tuning=tuning)
+    logging.info("index %s: recall@10 %.4f (target %.4f) on %d queries after %d settings in %.1f s (%s), built in "
+                 "%.1f s", settings.kind, info["recall_at_10"], recall_target, len(queries), len(tuning["tried"]),
+                 tuning["seconds"], tuning["stopped"], info["build_seconds"])
+  index_lib.save_searcher(searcher, directory)
   return info
 
 
@@ -462,9 +498,7 @@ class Export:
     if os.path.exists(os.path.join(index_dir, PATHS_FILE)):
       with open(os.path.join(index_dir, PATHS_FILE)) as f:
         self.paths = json.load(f)
-    if self.embeddings.ndim != 2 or len(self.ids) != len(self.embeddings) or (
-        self.labels is not None and len(self.labels) != len(self.embeddings)):
-      raise ValueError(f"{index_dir}: {EMBEDDINGS_FILE}, {IDS_FILE} and {LABELS_FILE} disagree in length")
+    self._check_files_against_manifest()
     self.searcher, self.backend = None, "exact"
     scann_dir = os.path.join(index_dir, SCANN_DIR)
     if use_scann and os.path.isdir(scann_dir):
@@ -472,7 +506,86 @@ class Export:
         self.searcher, self.backend = index_lib.load_searcher(scann_dir), "scann"
       else:
         logging.warning("%s holds a ScaNN index but scann is not installed: exact search instead", export_dir)
-    self._settings = index_lib.IndexSettings.from_dict(manifest["index"]["settings"]) if self.searcher else None
+    self._settings = self._check_searcher_against_manifest() if self.searcher else None
+
+  def _check_files_against_manifest(self) -> None:
+    """Raises ValueError unless the arrays and the SavedModel's serving_default agree with the manifest.
+
+    read_manifest checked every file's size, but not manifest.json itself (not in its own list): an edited one,
+    or files from another export under the same sizes, would load and then answer wrongly or fail deep inside.
+    Each message names the export, manifest.json with its value and the file with its own.
+    """
+    where = f"export {self.export_dir}"
+    manifest = self.manifest
+
+    def said(*keys: str) -> Any:
+      value = manifest
+      for key in keys:
+        if not isinstance(value, dict) or key not in value:
+          raise ValueError(f"{where}: {MANIFEST_FILE} has no {'.'.join(keys)}")
+        value = value[key]
+      return value
+
+    embeddings_name, ids_name, labels_name = (f"{INDEX_DIR}/{name}" for name in (EMBEDDINGS_FILE, IDS_FILE,
+                                                                                 LABELS_FILE))
+    embeddings = self.embeddings
+    if embeddings.ndim != 2:
+      raise ValueError(f"{where}: {embeddings_name} has shape {list(embeddings.shape)}, expected [rows, columns]")
+    if embeddings.dtype != np.float32:
+      raise ValueError(f"{where}: {embeddings_name} holds {embeddings.dtype}, but a {FORMAT} export "
+                       f"({MANIFEST_FILE}) stores float32")
+    embedding_dim, size = said("embedding_dim"), said("collection", "size")
+    if embedding_dim != embeddings.shape[1]:
+      raise ValueError(f"{where}: {MANIFEST_FILE} says embedding_dim {embedding_dim}, {embeddings_name} has "
+                       f"{embeddings.shape[1]} columns")
+    for name, array in ((ids_name, self.ids), (labels_name, self.labels)):
+      if array is not None and (array.ndim != 1 or array.dtype.kind not in "iu"):
+        raise ValueError(f"{where}: {name} holds {array.dtype} {list(array.shape)}, expected int64 [rows]")
+    for name, array in ((embeddings_name, embeddings), (ids_name, self.ids), (labels_name, self.labels)):
+      if array is not None and len(array) != size:
+        raise ValueError(f"{where}: {MANIFEST_FILE} says collection size {size}, {name} has {len(array)} rows")
+    labelled = said("collection", "labelled")
+    if bool(labelled) != (self.labels is not None):
+      raise ValueError(f"{where}: {MANIFEST_FILE} says collection labelled {str(bool(labelled)).lower()}, but "
+                       f"{labels_name} {'is missing' if labelled else 'exists'}")
+    if self.paths is not None and len(self.paths) != size:
+      raise ValueError(f"{where}: {MANIFEST_FILE} says collection size {size}, {INDEX_DIR}/{PATHS_FILE} has "
+                       f"{len(self.paths)} paths")
+
+    saved_model = os.path.relpath(saved_model_path(self.export_dir, manifest), self.export_dir)
+    serving = f"{saved_model} {export_lib.SERVING_DEFAULT}"
+    if export_lib.SERVING_DEFAULT not in self.saved_model.signatures:
+      raise ValueError(f"{where}: {saved_model} has no {export_lib.SERVING_DEFAULT} signature")
+    signature = self.saved_model.signatures[export_lib.SERVING_DEFAULT]
+    inputs = signature.structured_input_signature[1]
+    outputs = signature.structured_outputs
+    if set(inputs) != {export_lib.IMAGES} or export_lib.EMBEDDINGS not in outputs:
+      raise ValueError(f"{where}: {serving} takes {sorted(inputs)} and returns {sorted(outputs)}, expected "
+                       f"{export_lib.IMAGES} -> {export_lib.EMBEDDINGS}")
+    manifest_shape = said("inputs", export_lib.IMAGES, "shape")
+    model_shape = inputs[export_lib.IMAGES].shape.as_list()
+    if manifest_shape != model_shape:
+      raise ValueError(f"{where}: {MANIFEST_FILE} says inputs.{export_lib.IMAGES} shape {_shape(manifest_shape)}, "
+                       f"{serving} takes {_shape(model_shape)}")
+    output_dim = outputs[export_lib.EMBEDDINGS].shape[-1]
+    if output_dim != embedding_dim:
+      raise ValueError(f"{where}: {MANIFEST_FILE} says embedding_dim {embedding_dim}, {serving} returns embeddings "
+                       f"of {output_dim}")
+
+  def _check_searcher_against_manifest(self) -> index_lib.IndexSettings:
+    """The manifest's index settings (what search passes to ScaNN), after checking them against index/scann/."""
+    where, scann = f"export {self.export_dir}", f"{INDEX_DIR}/{SCANN_DIR}/"
+    try:
+      settings = index_lib.IndexSettings.from_dict(self.manifest["index"]["settings"])
+    except (KeyError, TypeError, ValueError) as e:
+      raise ValueError(f"{where}: {MANIFEST_FILE} has no valid index.settings for {scann} ({e})") from e
+    if self.searcher.size() != len(self.embeddings):
+      raise ValueError(f"{where}: {scann} holds {self.searcher.size()} rows, {INDEX_DIR}/{EMBEDDINGS_FILE} has "
+                       f"{len(self.embeddings)}")
+    kind = "tree_ah" if "partitioning {" in self.searcher.config() else "brute_force"
+    if settings.kind != kind:
+      raise ValueError(f"{where}: {MANIFEST_FILE} says index kind {settings.kind}, {scann} is a {kind} searcher")
+    return settings
 
   @staticmethod
   def _load_array(directory: str, name: str) -> np.ndarray:
@@ -553,6 +666,10 @@ class Export:
                             temperature=float(settings["temperature"]),
                             num_classes=int(self.manifest["collection"]["num_classes"]))
     return np.argmax(class_scores.numpy(), axis=1).astype(np.int64)
+
+
+def _shape(shape: Sequence[int | None]) -> str:
+  return "[" + ", ".join("None" if d is None else str(d) for d in shape) + "]"
 
 
 def _read(path: str) -> bytes:

@@ -1,5 +1,8 @@
 """Nearest neighbours of unit-norm embeddings (cosine = dot product): a ScaNN searcher, and exact NumPy search.
 
+`choose_settings` sizes a searcher from the collection size alone; `tune` then raises its search-time settings on
+held-out queries until recall@10 reaches a target, or falls back to exact brute force.
+
 Shapes: Q = queries, N = collection rows, D = embedding_dim, k = neighbours per query. Imports only NumPy: ScaNN
 (which imports TensorFlow) is imported when a searcher is built or loaded, so exact search works without it.
 """
@@ -11,13 +14,20 @@ import hashlib
 import importlib.util
 import json
 import math
+import numbers
 import os
 import re
+import time
 from typing import Any
 
 import numpy as np
 
 EXACT_BELOW = 20_000  # Fewer rows than this: ScaNN brute force (exact).
+RECALL_TARGET = 0.95  # tune's default: recall@10 on held-out queries.
+TUNE_SECONDS = 60.0  # tune's default time budget.
+TUNE_K = 10  # tune measures recall@TUNE_K.
+_REORDER_STEPS = 3  # tune doubles reorder at most this many times past the heuristic's (8x).
+_REORDER_MIN_GAIN = 0.002  # A reorder doubling that gains less recall than this is not the limit: search more leaves.
 KINDS = ("brute_force", "tree_ah")
 MANIFEST_FILE = "tf_instdisc_index.json"  # Written last by save_searcher: every ScaNN file's size and SHA-256.
 _FIXED_FILES = ("scann_assets.pbtxt", "scann_config.pb")
@@ -219,6 +229,93 @@ def recall_at_k(found_ids: np.ndarray, true_ids: np.ndarray) -> float:
   rows = np.arange(len(true_ids))[:, None] * stride
   hits = np.intersect1d(rows + found_ids + 1, rows + true_ids + 1).size
   return hits / true_ids.size
+
+
+def check_recall_target(value: float, name: str = "recall_target") -> float:
+  """value if 0 < value <= 1, else ValueError naming `name` (a flag or an argument)."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value <= 1:
+    raise ValueError(f"{name}: got {value!r}, expected a recall@{TUNE_K} target with 0 < target <= 1")
+  return float(value)
+
+
+def tune(searcher, embeddings: np.ndarray, queries: np.ndarray, settings: IndexSettings, *,
+         target: float = RECALL_TARGET, seconds: float = TUNE_SECONDS) -> tuple[Any, IndexSettings, dict[str, Any]]:
+  """Raises a tree_ah searcher's search-time settings until recall@10 on `queries` reaches `target`.
+
+  Recall@10 is measured against exact_search. Starting from `settings` (the build's, e.g. choose_settings'), each
+  step searches the queries once: first reorder is doubled (cheap: an exact dot product per candidate) while a
+  doubling gains at least _REORDER_MIN_GAIN recall, at most _REORDER_STEPS times past the start; when it stops
+  helping, num_leaves_to_search is doubled (the expensive part: every row of a leaf is scored), up to every leaf.
+  Neither needs a rebuild (`search` passes both to ScaNN per call). The first setting that meets the target wins.
+  If none does once every leaf is searched, or `seconds` have passed (the first measurement always runs), the
+  searcher is rebuilt as exact brute force. A brute-force searcher is measured only.
+
+  Args:
+    searcher: from build_searcher(embeddings, settings).
+    embeddings: [N, D] float32, the searcher's collection.
+    queries: [Q, D] float32 unit-norm held-out queries; Q >= 1.
+    settings: the searcher's build settings.
+    target: recall@10 to reach, 0 < target <= 1.
+    seconds: time budget for the settings after the first.
+
+  Returns:
+    (searcher: the given one, or a brute-force rebuild; the settings to search it with; a record: recall_target,
+    recall_at_10 (of the chosen settings), fell_back (to brute force), stopped (why), tried (each setting's
+    num_leaves_to_search, reorder, recall_at_10 and seconds, in order), seconds (spent tuning), budget_seconds).
+  """
+  target = check_recall_target(target)
+  if np.ndim(queries) != 2 or not len(queries):
+    raise ValueError(f"tune: expected queries [Q, D] with Q >= 1, got shape {np.shape(queries)}")
+  start = time.monotonic()
+  recall_k = min(TUNE_K, len(embeddings))
+  true_ids, _ = exact_search(queries, embeddings, recall_k)
+  tried = []
+
+  def measure(candidate: IndexSettings, on=None) -> float:
+    begin = time.monotonic()
+    found, _ = search(on or searcher, queries, recall_k, settings=candidate)
+    recall = round(float(recall_at_k(found, true_ids)), 4)
+    tried.append({"kind": candidate.kind, "num_leaves_to_search": candidate.num_leaves_to_search,
+                  "reorder": candidate.reorder, "recall_at_10": recall,
+                  "seconds": round(time.monotonic() - begin, 3)})
+    return recall
+
+  def record(recall: float, stopped: str, fell_back: bool = False) -> dict[str, Any]:
+    return {"recall_target": target, "recall_at_10": recall, "fell_back": fell_back, "stopped": stopped,
+            "tried": tried, "seconds": round(time.monotonic() - start, 2), "budget_seconds": seconds}
+
+  recall = measure(settings)
+  if settings.kind == "brute_force":
+    return searcher, settings, record(recall, "brute force: exact, nothing to tune")
+  all_leaves = min(settings.num_leaves, len(embeddings))
+  max_reorder = min(settings.reorder << _REORDER_STEPS, len(embeddings))
+  current, reorder_helps = settings, True
+  while recall < target:
+    if time.monotonic() - start >= seconds:
+      stopped = f"time budget of {seconds:g} s spent below the target"
+      break
+    if reorder_helps and current.reorder < max_reorder:
+      candidate = dataclasses.replace(current, reorder=min(2 * current.reorder, max_reorder))
+      candidate_recall = measure(candidate)
+      reorder_helps = candidate_recall - recall >= _REORDER_MIN_GAIN
+      if reorder_helps or candidate_recall >= target:
+        current, recall = candidate, candidate_recall
+      continue
+    if current.num_leaves_to_search >= all_leaves:
+      stopped = f"every leaf ({all_leaves}) searched below the target"
+      break
+    current = dataclasses.replace(current, num_leaves_to_search=min(max(2 * current.num_leaves_to_search, 1),
+                                                                    all_leaves))
+    recall, reorder_helps = measure(current), True
+  else:
+    return searcher, current, record(recall, "target met")
+  exact = IndexSettings(kind="brute_force")
+  begin = time.monotonic()
+  brute_force = build_searcher(embeddings, exact, k=recall_k)
+  build_seconds = round(time.monotonic() - begin, 2)
+  info = record(measure(exact, brute_force), stopped, fell_back=True)
+  info["fallback_build_seconds"] = build_seconds
+  return brute_force, exact, info
 
 
 def _file_facts(path: str) -> dict[str, Any]:
