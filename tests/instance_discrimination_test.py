@@ -4,7 +4,9 @@ replicas, the .keras round trip, the callbacks, export from Python, and train.py
 from __future__ import annotations
 
 import csv
+import json
 import os
+from unittest import mock
 
 from tests import testing
 
@@ -14,6 +16,7 @@ import tensorflow as tf
 from absl.testing import parameterized
 
 import tf_instdisc
+from tf_instdisc import artifact
 from tf_instdisc import backbones
 from tf_instdisc import callbacks
 from tf_instdisc import data as data_lib
@@ -261,6 +264,16 @@ class DriversTest(tf.test.TestCase):
     results = train_lib.run(cfg, tf.distribute.get_strategy(), testing.tiny_source(shape=(8, 8, 3)))
     self.assertBetween(results["knn_top1"], 0.0, 1.0)
     self.assertTrue(os.path.exists(os.path.join(model_dir, "final_metrics.json")))
+    # export/export.py's artifact, backbone/ included (no stage taps: an application names its stages its own way).
+    source = testing.tiny_source(shape=(8, 8, 3))
+    with mock.patch.object(data_lib, "load_source", return_value=source):
+      export_dir = artifact.write_export(model_dir, os.path.join(model_dir, "export"), index="none")
+    loaded = tf_instdisc.load(export_dir)
+    self.assertEqual(loaded.embed(testing.tiny_arrays(2, shape=(8, 8, 3))[0]).shape, (2, 16))
+    with open(os.path.join(export_dir, "backbone", "backbone.json")) as f:
+      self.assertEqual(json.load(f)["stages"], [])
+    backbone = keras.saving.load_model(os.path.join(export_dir, "backbone", "backbone.keras"))
+    self.assertEqual(backbone.output.shape[-1], 576)
 
 
 class WithInstanceIdsTest(tf.test.TestCase):

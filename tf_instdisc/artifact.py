@@ -95,8 +95,11 @@ def stage_layers(arch: str, backbone: keras.Model) -> list[str]:
 
   ResNets: the last block's output of each stage (stage1_block2_out ... stage4_block2_out for ResNet-18), not the
   stem; convnet_small: the ReLU before each pooling layer, the global one included (conv1_relu ... conv4_1_relu).
-  The same layers as the linear probes' conv1..conv5 (features.stage_layers).
+  The same layers as the linear probes' conv1..conv5 (features.stage_layers). None for a keras.<Name> application:
+  their stages are not named alike.
   """
+  if arch.startswith(backbones.KERAS_PREFIX):
+    return []
   stages = features.stage_layers(backbone)
   return [name for paper, name in stages.items() if not (arch.startswith("resnet") and paper == "conv1")]
 
@@ -116,21 +119,24 @@ def write_backbone(directory: str, backbone: keras.Model, *, arch: str, input_sh
   os.makedirs(directory)
   backbone.save_weights(os.path.join(directory, BACKBONE_WEIGHTS_FILE))
   channels = input_shape[-1]
-  portable = backbones.build_backbone(arch, (None, None, channels), policy="float32", sync_batchnorm=False)
+  free = tuple(input_shape) if arch in backbones.FIXED_SIZE_ONLY else (None, None, channels)
+  portable = backbones.build_backbone(arch, free, policy="float32", sync_batchnorm=False)
   for layer in portable.layers:
     layer.set_weights(backbone.get_layer(layer.name).get_weights())
   keras.saving.save_model(portable, os.path.join(directory, BACKBONE_KERAS_FILE))
 
   stages = stage_layers(arch, portable)
-  taps = keras.Model(portable.inputs, [portable.get_layer(name).output for name in stages])
-  shapes = taps.compute_output_shape((1, _STRIDE_PROBE, _STRIDE_PROBE, channels))
+  shapes = []
+  if stages:
+    taps = keras.Model(portable.inputs, [portable.get_layer(name).output for name in stages])
+    shapes = taps.compute_output_shape((1, _STRIDE_PROBE, _STRIDE_PROBE, channels))
   standardize = portable.get_layer("standardize")  # Rescaling: x * scale + offset = (x - mean) / std.
   features = int(portable.output.shape[-1])
   shape_text = ", ".join(str(d) for d in input_shape)
   checkpointing.write_json_atomic(os.path.join(directory, BACKBONE_INFO_FILE), {
       "arch": arch,
       "input_shape": list(input_shape),
-      "keras_input_shape": [None, None, channels],
+      "keras_input_shape": list(free),
       "output": {"layer": portable.layers[-1].name, "features": features,
                  "what": "global average pool of the last stage (the embedding model's projection comes after)"},
       "pixels": {"dtype": "float32", "range": [0, 255], "channels": channels,

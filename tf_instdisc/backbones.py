@@ -158,7 +158,7 @@ _APPLICATION_ARGS = frozenset({"include_top", "weights", "input_shape", "pooling
 # Fixed preprocessing some applications always build in (EfficientNet B0-B7: Rescaling(1/255) + Normalization).
 _PREPROCESSING_LAYERS = (layers.Rescaling, layers.Normalization)
 # Keras' NASNet chooses its crops from static shapes: built with a free (None) height or width, it fails when run.
-_FIXED_SIZE_ONLY = ("keras.NASNetLarge", "keras.NASNetMobile")
+FIXED_SIZE_ONLY = ("keras.NASNetLarge", "keras.NASNetMobile")
 
 
 @functools.cache
@@ -244,7 +244,7 @@ def build_keras_application(arch: str, input_shape: tuple[int, int, int], *, pol
       or a free height or width for NASNet.
   """
   check_arch(arch)
-  if arch in _FIXED_SIZE_ONLY and None in tuple(input_shape)[:2]:
+  if arch in FIXED_SIZE_ONLY and None in tuple(input_shape)[:2]:
     raise ValueError(f"--arch={arch} needs a fixed image size, got input shape {tuple(input_shape)}: Keras' NASNet "
                      "picks its crops from static shapes and fails when run on a free (None) height or width")
   constructor = getattr(keras.applications, arch[len(KERAS_PREFIX):])
