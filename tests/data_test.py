@@ -477,7 +477,7 @@ class FolderTest(tf.test.TestCase, parameterized.TestCase):
     _write_png(os.path.join(root, "train", "a", "rgb.png"), np.repeat(gray, 3, axis=-1))
     _write_png(os.path.join(root, "train", "b", "gray.png"), gray)
     source = data.load_source(config_lib.DataConfig(dataset="folder", data_dir=root, image_channels=1))
-    self.assertEqual(source.image_shape, (None, None, 1))
+    self.assertEqual(source.image_shape, (6, 7, 1))  # No --image_size: both are 6x7, read from their headers.
     images = _images(source.train)
     self.assertEqual([image.shape for image in images], [(6, 7, 1), (6, 7, 1)])
     self.assertAllClose(images[0].astype(np.int32), gray.astype(np.int32), atol=1)
@@ -504,6 +504,255 @@ class FolderTest(tf.test.TestCase, parameterized.TestCase):
     self.assertLen(batches, 2)  # 5 images, batch 2: the last partial batch is dropped.
     self.assertEqual(batches[0][data.IMAGE_KEY].shape, (2, 12, 12, 3))
     self.assertLen(set(_ids(batches)), 4)
+
+
+class HiddenEntriesTest(tf.test.TestCase):
+  """Names starting with "." are skipped at every level, as image_dataset_from_directory skips hidden classes."""
+
+  def _tree(self) -> str:
+    root = _tmpdir(self)
+    for relative in ("train/cat/a.png", "train/dog/b.png", "test/dog/c.png", "train/.ipynb_checkpoints/a.png",
+                     "train/cat/.ipynb_checkpoints/a-checkpoint.png", "test/.ipynb_checkpoints/c.png"):
+      _write_png(os.path.join(root, relative), _image(4, 4))
+    for relative in ("train/.DS_Store", "train/cat/.DS_Store", "test/.DS_Store", "test/dog/.DS_Store"):
+      _write(os.path.join(root, relative), b"\x00\x00\x00\x01Bud1")
+    _write(os.path.join(root, "train", "cat", "._a.png"), b"\x00\x05\x16\x07 macOS resource fork")  # AppleDouble.
+    return root
+
+  def test_hidden_folders_are_no_classes_and_hidden_files_no_images(self):
+    root = self._tree()
+    source = data.load_source(config_lib.DataConfig(dataset="folder", data_dir=root, image_size=4))
+    self.assertEqual(source.class_names, ("cat", "dog"))  # Not (".ipynb_checkpoints", "cat", "dog").
+    self.assertEqual([os.path.relpath(f, root) for f in source.train.files], ["train/cat/a.png", "train/dog/b.png"])
+    self.assertAllEqual(data.load_labels(source.train), [0, 1])
+    self.assertEqual([os.path.relpath(f, root) for f in source.eval.files], ["test/dog/c.png"])
+    self.assertAllEqual(data.load_labels(source.eval), [1])
+
+  def test_hidden_entries_beside_loose_train_images(self):
+    root = _tmpdir(self)
+    _write_png(os.path.join(root, "train", "x.png"), _image(4, 4))
+    _write(os.path.join(root, "train", "._x.png"), b"\x00\x05\x16\x07")
+    _write_png(os.path.join(root, "train", ".ipynb_checkpoints", "x-checkpoint.png"), _image(4, 4))
+    source = data.load_source(config_lib.DataConfig(dataset="folder", data_dir=root))
+    self.assertEqual(source.train.files, (os.path.join(root, "train", "x.png"),))
+    self.assertEqual(source.num_classes, 0)  # Loose images only: the hidden folder made no class either.
+
+
+class ImageSizeInferenceTest(tf.test.TestCase, parameterized.TestCase):
+  """Without --image_size, a folder's image sizes are read from the file headers; one shared size is the input."""
+
+  @parameterized.named_parameters(
+      ("png", "png", "PNG", {}),
+      ("jpeg", "jpg", "JPEG", {}),
+      ("progressive_jpeg_with_exif_and_big_icc_profile", "jpg", "JPEG",
+       {"progressive": True, "exif": b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x00", "icc_profile": b"\x00" * 70_000}),
+      ("gif", "gif", "GIF", {}),
+      ("bmp", "bmp", "BMP", {}),
+  )
+  def test_each_format_gives_the_decoded_size(self, suffix, image_format, save_args):
+    root = _tmpdir(self)
+    for relative, seed in (("train/a/1", 1), ("train/b/2", 2), ("test/a/3", 3)):
+      path = os.path.join(root, f"{relative}.{suffix}")
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      Image.fromarray(_image(13, 21, seed=seed)).save(path, format=image_format, **save_args)
+    source = data.load_source(config_lib.DataConfig(dataset="folder", data_dir=root))
+    self.assertEqual(source.image_shape, (13, 21, 3))
+    self.assertEqual({image.shape for image in _images(source.train) + _images(source.eval)}, {(13, 21, 3)})
+
+  def test_top_down_bmp_has_its_positive_height(self):
+    root = _tmpdir(self)
+    buffer = io.BytesIO()
+    Image.fromarray(_image(5, 7)).save(buffer, format="BMP")
+    raw = bytearray(buffer.getvalue())
+    raw[22:26] = (-5).to_bytes(4, "little", signed=True)  # Rows stored top-down.
+    _write(os.path.join(root, "train", "a", "top_down.bmp"), bytes(raw))
+    source = data.load_source(config_lib.DataConfig(dataset="folder", data_dir=root))
+    self.assertEqual(source.image_shape, (5, 7, 3))
+    self.assertEqual(_images(source.train)[0].shape, (5, 7, 3))
+
+  def test_same_sized_square_images_need_no_image_size_and_the_size_is_logged(self):
+    root = _tmpdir(self)
+    _write_png(os.path.join(root, "train", "a", "1.png"), _image(28, 28))
+    _write_jpeg(os.path.join(root, "train", "b", "2.jpg"), _image(28, 28))
+    _write_png(os.path.join(root, "val", "b", "3.png"), _image(28, 28))
+    with self.assertLogs(level="INFO") as logs:
+      source = data.load_source(config_lib.DataConfig(dataset="folder", data_dir=root))
+    self.assertEqual(source.image_shape, (28, 28, 3))
+    self.assertEqual(data.resolve_image_size(source, 0), 28)
+    self.assertEqual(data.resolve_image_size(source, 32), 32)  # --image_size still wins.
+    self.assertIn(f"no --image_size: all 3 images under {root} are 28x28 (height x width)", logs.output[-1])
+    batches = _batches(data.make_train_dataset(source, config_lib.DataConfig(), _AUGMENT, batch_size=2, seed=0,
+                                               epoch=0))
+    self.assertEqual(batches[0][data.IMAGE_KEY].shape, (2, 28, 28, 3))
+
+  def test_sizes_that_differ_are_refused_naming_two_files(self):
+    root = _tmpdir(self)
+    first = _write_png(os.path.join(root, "train", "a", "1.png"), _image(28, 28))
+    _write_png(os.path.join(root, "train", "a", "2.png"), _image(28, 28))
+    other = _write_png(os.path.join(root, "train", "b", "7.png"), _image(32, 40))
+    _write_png(os.path.join(root, "train", "b", "8.png"), _image(50, 50))
+    source = data.load_source(config_lib.DataConfig(dataset="folder", data_dir=root))
+    self.assertEqual(source.image_shape, (None, None, 3))
+    with self.assertRaises(ValueError) as raised:
+      data.resolve_image_size(source, 0)
+    self.assertEqual(str(raised.exception), f"--image_size: images differ in size ({first} is 28x28, {other} is "
+                                            "32x40); pass --image_size")
+    self.assertEqual(data.resolve_image_size(source, 24), 24)
+
+  def test_an_eval_image_of_another_size_is_named(self):
+    root = _tmpdir(self)
+    first = _write_png(os.path.join(root, "train", "a", "1.png"), _image(8, 8))
+    other = _write_png(os.path.join(root, "test", "a", "2.png"), _image(9, 8))
+    source = data.load_source(config_lib.DataConfig(dataset="folder", data_dir=root))
+    with self.assertRaisesRegex(ValueError, re.escape(f"({first} is 8x8, {other} is 9x8); pass --image_size")):
+      data.resolve_image_size(source, 0)
+
+  def test_same_sized_images_that_are_not_square(self):
+    root = _tmpdir(self)
+    _write_png(os.path.join(root, "train", "a", "1.png"), _image(8, 6))
+    source = data.load_source(config_lib.DataConfig(dataset="folder", data_dir=root))
+    self.assertEqual(source.image_shape, (8, 6, 3))
+    with self.assertRaises(ValueError) as raised:
+      data.resolve_image_size(source, 0)
+    self.assertEqual(str(raised.exception), "--image_size: folder images are 8x6, set --image_size explicitly")
+
+  def test_with_image_size_no_header_is_read(self):
+    root = _tmpdir(self)
+    _write_png(os.path.join(root, "train", "a", "1.png"), _image(28, 28))
+    _write_png(os.path.join(root, "train", "b", "7.png"), _image(32, 40))
+    with mock.patch.object(data, "_header_size", side_effect=AssertionError("header read")):
+      source = data.load_source(config_lib.DataConfig(dataset="folder", data_dir=root, image_size=16))
+    self.assertEqual((source.image_shape, source.mixed_sizes), ((None, None, 3), ""))
+    self.assertEqual(data.resolve_image_size(source, 16), 16)
+
+  def test_a_header_that_cannot_be_read_is_decoded_and_named_when_that_fails(self):
+    root = _tmpdir(self)
+    _write_png(os.path.join(root, "train", "a", "good.png"), _image(8, 8))
+    bad = _write(os.path.join(root, "train", "a", "no_ihdr.png"), b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    with self.assertRaises(ValueError) as raised:
+      data.load_source(config_lib.DataConfig(dataset="folder", data_dir=root))
+    self.assertEqual(str(raised.exception), f"--data_dir: cannot decode image {bad}")
+    # With --image_size nothing is measured at load: as before, the file is named when training decodes it.
+    source = data.load_source(config_lib.DataConfig(dataset="folder", data_dir=root, image_size=8))
+    self.assertEqual(data.find_undecodable(source.train.files, channels=3), bad)
+
+
+class DataDirTest(tf.test.TestCase, parameterized.TestCase):
+  """An explicit --data_dir is the data: a mistyped one is refused, never replaced by a default copy."""
+
+  @parameterized.named_parameters(("fashion_mnist", "fashion_mnist"), ("cifar10", "cifar10"),
+                                  ("imagenet2012", "imagenet2012"), ("folder", "folder"))
+  def test_missing_data_dir_is_refused_for_every_dataset(self, dataset):
+    missing = os.path.join(_tmpdir(self), "mistyped", "path")
+    with mock.patch.object(data, "_load_tfds", side_effect=AssertionError("TFDS reached")):
+      with self.assertRaises(ValueError) as raised:
+        data.load_source(config_lib.DataConfig(dataset=dataset, data_dir=missing))
+    self.assertEqual(str(raised.exception), f"--data_dir: {missing} does not exist")
+    self.assertFalse(os.path.exists(missing))  # Not created (TFDS would have).
+
+  def test_a_file_is_no_data_dir(self):
+    path = _write(os.path.join(_tmpdir(self), "train-images-idx3-ubyte.gz"), b"")
+    with self.assertRaises(ValueError) as raised:
+      data.load_source(config_lib.DataConfig(dataset="fashion_mnist", data_dir=path))
+    self.assertEqual(str(raised.exception), f"--data_dir: {path} is not a directory")
+
+  def test_fashion_mnist_data_dir_without_the_files_does_not_fall_back(self):
+    empty = _tmpdir(self)
+    _write(os.path.join(empty, "t10k-images-idx3-ubyte.gz"), b"")  # Not enough: the train files are missing.
+    with mock.patch.object(data, "FASHION_MNIST_DIRS", (testing.FASHION_MNIST_DIR,)), \
+        mock.patch.object(data, "_load_tfds", side_effect=AssertionError("TFDS reached")):
+      with self.assertRaises(ValueError) as raised:
+        data.load_source(config_lib.DataConfig(dataset="fashion_mnist", data_dir=empty))
+    self.assertEqual(str(raised.exception), f"--data_dir: {empty} has no Fashion-MNIST files "
+                     "(train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
+                     "t10k-labels-idx1-ubyte.gz) and no TFDS fashion_mnist/ folder")
+
+  def test_fashion_mnist_data_dir_that_is_a_tfds_data_dir_goes_to_tfds(self):
+    tfds_dir = _tmpdir(self)
+    os.makedirs(os.path.join(tfds_dir, "fashion_mnist", "3.0.1"))
+    with mock.patch.object(data, "_load_tfds", return_value=testing.tiny_source(4, n_eval=2)) as load_tfds:
+      data.load_source(config_lib.DataConfig(dataset="fashion_mnist", data_dir=tfds_dir))
+    load_tfds.assert_called_once_with("fashion_mnist", tfds_dir, eval_split="auto")
+
+  def test_empty_data_dir_keeps_the_defaults(self):
+    with mock.patch.object(data, "FASHION_MNIST_DIRS", ()), \
+        mock.patch.object(data, "_load_tfds", return_value=testing.tiny_source(4, n_eval=2)) as load_tfds:
+      data.load_source(config_lib.DataConfig(dataset="fashion_mnist"))
+      data.load_source(config_lib.DataConfig(dataset="cifar10"))
+    self.assertEqual([c.args for c in load_tfds.call_args_list], [("fashion_mnist", ""), ("cifar10", "")])
+
+  def test_a_remote_data_dir_is_left_to_tfds(self):
+    with mock.patch.object(data, "_load_tfds", return_value=testing.tiny_source(4, n_eval=2)) as load_tfds:
+      data.load_source(config_lib.DataConfig(dataset="cifar10", data_dir="gs://bucket/tensorflow_datasets"))
+    load_tfds.assert_called_once_with("cifar10", "gs://bucket/tensorflow_datasets", eval_split="auto")
+
+
+class UndecodableTest(tf.test.TestCase):
+  """name_undecodable turns a pipeline's decode error into a ValueError naming the file."""
+
+  def _tree(self) -> tuple[str, str]:
+    root = _tmpdir(self)
+    for name in ("a", "b"):
+      _write_png(os.path.join(root, "train", name, "x.png"), _image(8, 8))
+    _write_png(os.path.join(root, "test", "a", "1.png"), _image(8, 8))
+    png = tf.io.encode_png(_image(8, 8, seed=9)).numpy()
+    bad = _write(os.path.join(root, "test", "b", "2.png"), png[:len(png) // 2])  # The header is intact.
+    _write_png(os.path.join(root, "test", "b", "3.png"), _image(8, 8))
+    return root, bad
+
+  def _decode_error(self, split: data.Split) -> Exception:
+    with self.assertRaises(data.DECODE_ERRORS) as raised:
+      _images(split)
+    return raised.exception
+
+  def test_a_corrupt_eval_image_is_named(self):
+    root, bad = self._tree()
+    source = data.load_source(config_lib.DataConfig(dataset="folder", data_dir=root))  # Headers are fine.
+    error = self._decode_error(source.eval)
+    for start in (0, 1, 2):  # From where the pipeline stopped; from the start when the file is earlier.
+      with self.subTest(start=start), self.assertRaises(ValueError) as raised:
+        data.name_undecodable(source.eval, error, start=start)
+      self.assertEqual(str(raised.exception), f"--data_dir: cannot decode image {bad}")
+      self.assertIs(raised.exception.__cause__, error)
+    with self.assertRaises(ValueError) as raised:
+      data.name_undecodable([source.train, source.eval], error, flag="--transfer_data_dir")
+    self.assertEqual(str(raised.exception), f"--transfer_data_dir: cannot decode image {bad}")
+
+  def test_a_file_gone_since_listing_is_named(self):
+    root, bad = self._tree()
+    source = data.load_source(config_lib.DataConfig(dataset="folder", data_dir=root))
+    gone = source.train.files[1]
+    os.remove(gone)
+    error = self._decode_error(source.train)
+    with self.assertRaises(ValueError) as raised:
+      data.name_undecodable(source.train, error)
+    self.assertEqual(str(raised.exception), f"--data_dir: cannot read image (no such file) {gone}")
+
+  def test_without_a_bad_file_the_error_is_re_raised(self):
+    root, _ = self._tree()
+    source = data.load_source(config_lib.DataConfig(dataset="folder", data_dir=root))
+    error = tf.errors.InvalidArgumentError(None, None, "not a file's fault")
+    with self.assertRaises(tf.errors.InvalidArgumentError) as raised:
+      data.name_undecodable(source.train, error)
+    self.assertIs(raised.exception, error)
+    with self.assertRaises(tf.errors.InvalidArgumentError):  # A split without files: nothing to name.
+      data.name_undecodable(testing.tiny_source(4, n_eval=2).train, error)
+
+  def test_gif_and_bmp_decode_to_grayscale(self):
+    # TensorFlow refuses channels=1 for GIF and BMP; the folder decode converts their RGB instead.
+    root = _tmpdir(self)
+    rgb = _image(6, 7, seed=4)
+    for suffix, image_format in (("gif", "GIF"), ("bmp", "BMP")):
+      path = os.path.join(root, "train", "a", f"x.{suffix}")
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      Image.fromarray(rgb).save(path, format=image_format)
+    source = data.load_source(config_lib.DataConfig(dataset="folder", data_dir=root, image_channels=1))
+    self.assertEqual(source.image_shape, (6, 7, 1))
+    for path, image in zip(source.train.files, _images(source.train)):
+      expected = tf.image.rgb_to_grayscale(tf.io.decode_image(tf.io.read_file(path), channels=3,
+                                                              expand_animations=False))
+      self.assertAllEqual(image, expected)
+    self.assertIsNone(data.find_undecodable(source.train.files, channels=1))
 
 
 # ---------------------------------------------------------------------------------------------------------- pipelines

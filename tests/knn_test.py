@@ -4,11 +4,16 @@ from tests import testing  # First: splits the CPU before TensorFlow starts.
 
 # isort: split
 
+import os
+import tempfile
+from unittest import mock
+
 import keras
 import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
 
+from tf_instdisc import config as config_lib
 from tf_instdisc import data as data_lib
 from tf_instdisc import knn
 
@@ -188,6 +193,62 @@ class KnnEvaluatorTest(tf.test.TestCase):
     self.assertEqual(dict(evaluator.run(model, tf.Variable(keys, trainable=False))),
                      {"knn_top1": 1.0, "knn_top5": 1.0})
 
+
+
+class UndecodableEvalImageTest(tf.test.TestCase):
+  """A folder's eval image that cannot be decoded is named, in whatever pass embeds the split."""
+
+  def setUp(self):
+    super().setUp()
+    directory = tempfile.TemporaryDirectory()
+    self.addCleanup(directory.cleanup)
+    root = directory.name
+    images, _ = testing.tiny_arrays(12, shape=(8, 8, 3), num_classes=2)
+    for split, names in (("train", range(6)), ("test", range(6, 12))):
+      for i in names:
+        path = os.path.join(root, split, f"c{i % 2}", f"{i}.png")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tf.io.write_file(path, tf.io.encode_png(images[i]))
+    self.bad = os.path.join(root, "test", "c1", "9.png")
+    png = open(self.bad, "rb").read()
+    with open(self.bad, "wb") as f:  # A valid header, then half the data: only decoding finds it.
+      f.write(png[:len(png) // 2])
+    self.source = data_lib.load_source(config_lib.DataConfig(dataset="folder", data_dir=root))
+    self.model = _angle_model((8, 8, 3))
+    self.augment = config_lib.AugmentConfig()
+
+  def test_embed_split_names_the_file(self):
+    for batch_size in (1, 2, 6):  # The bad file in the first batch or a later one.
+      with self.subTest(batch_size=batch_size), self.assertRaises(ValueError) as raised:
+        knn.embed_split(self.model, self.source.eval, self.augment, image_size=8, batch_size=batch_size)
+      self.assertEqual(str(raised.exception), f"--data_dir: cannot decode image {self.bad}")
+      self.assertIsInstance(raised.exception.__cause__, tf.errors.InvalidArgumentError)
+    features, labels = knn.embed_split(self.model, self.source.train, self.augment, image_size=8, batch_size=4)
+    self.assertEqual((features.shape, labels.shape), ((6, 2), (6,)))  # The train split decodes.
+
+  def test_evaluator_with_its_split_names_the_file(self):
+    dataset = data_lib.make_eval_dataset(self.source.eval, self.augment, image_size=8, batch_size=4)
+    keys = tf.constant(knn.embed_split(self.model, self.source.train, self.augment, image_size=8, batch_size=4)[0])
+    evaluator = knn.KnnEvaluator(dataset, data_lib.load_labels(self.source.train), k=3, temperature=0.07,
+                                 num_classes=2, split=self.source.eval)
+    with self.assertRaisesRegex(ValueError, f"^--data_dir: cannot decode image {self.bad}$"):
+      dict(evaluator.run(self.model, keys))
+    unnamed = knn.KnnEvaluator(dataset, data_lib.load_labels(self.source.train), k=3, temperature=0.07,
+                               num_classes=2)
+    with self.assertRaises(tf.errors.InvalidArgumentError):  # Without its split there is no file to name.
+      dict(unnamed.run(self.model, keys))
+
+  def test_a_model_error_is_not_blamed_on_a_file(self):
+    # An InvalidArgumentError of the model itself (not of the input pipeline) propagates, and no file is searched.
+    def failing_model(images, training):
+      del training
+      with tf.control_dependencies([tf.debugging.assert_less(tf.reduce_max(images), -1.0, message="model")]):
+        return tf.identity(images)
+
+    dataset = data_lib.make_eval_dataset(self.source.eval, self.augment, image_size=8, batch_size=2)
+    with mock.patch.object(data_lib, "_undecodable_in", side_effect=AssertionError("searched")):
+      with self.assertRaisesRegex(tf.errors.InvalidArgumentError, "model"):
+        knn.compute_embeddings(failing_model, dataset, split=self.source.eval)
 
 if __name__ == "__main__":
   tf.test.main()

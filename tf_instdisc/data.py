@@ -10,10 +10,12 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import os
-from typing import Callable
+import struct
+from typing import BinaryIO, Callable, NoReturn, Sequence
 
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from tf_instdisc import augment
 from tf_instdisc import config as config_lib
@@ -32,6 +34,9 @@ _FASHION_FILES = {
 _IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM")
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
 _MAX_CACHED_BYTES = 4 << 30  # Fixed-size splits smaller than this are decoded once and kept in memory.
+# What reading or decoding an image file raises inside a pipeline: corrupt data, a file gone or unreadable since it
+# was listed. Callers that embed or train on a split catch these and name the file (`name_undecodable`).
+DECODE_ERRORS = (tf.errors.InvalidArgumentError, tf.errors.NotFoundError, tf.errors.PermissionDeniedError)
 
 
 def _identity(image: tf.Tensor) -> tf.Tensor:
@@ -67,19 +72,27 @@ class DataSource:
   image_shape: tuple[int | None, int | None, int]  # (H, W, C); H and W are None when images vary in size.
   num_classes: int  # 0 when the train split carries no labels.
   class_names: tuple[str, ...] = ()  # Label i's name, when the dataset has names.
+  # Image folders read without --image_size whose images differ in size: two of them, "A is HxW, B is HxW".
+  mixed_sizes: str = ""
 
 
 # ----------------------------------------------------------------------------------------------------------- loading
 def load_source(cfg: config_lib.DataConfig) -> DataSource:
   """Opens the dataset named by cfg.dataset, cut to cfg.max_train_examples / cfg.max_eval_examples.
 
+  An image folder read without --image_size (cfg.image_size 0) has each image's size read from its header: when
+  they are all H x W, image_shape is (H, W, C), else (None, None, C) and `mixed_sizes` names two that differ.
+
   Raises:
-    ValueError: unknown dataset, empty or unreadable folder (naming the file), missing files.
+    ValueError: unknown dataset, a --data_dir that does not exist (or has no Fashion-MNIST files), empty or
+    unreadable folder (naming the file), missing files.
   """
+  check_data_dir(cfg.data_dir)
+  fashion_dir = _find_fashion_mnist(cfg.data_dir) if cfg.dataset == "fashion_mnist" else None
   if cfg.dataset == "folder":
-    source = _load_folder(cfg.data_dir, channels=cfg.image_channels)
-  elif cfg.dataset == "fashion_mnist" and _find_fashion_mnist(cfg.data_dir):
-    source = _load_fashion_mnist(_find_fashion_mnist(cfg.data_dir))
+    source = _load_folder(cfg.data_dir, channels=cfg.image_channels, infer_size=not cfg.image_size)
+  elif fashion_dir:
+    source = _load_fashion_mnist(fashion_dir)
   else:
     source = _load_tfds(cfg.dataset, cfg.data_dir, eval_split=cfg.eval_split)
   if cfg.eval_split == "":
@@ -146,11 +159,47 @@ def take_indices(split: Split, indices: np.ndarray) -> Split:
                              make_labels=make_labels)
 
 
+def _remote(path: str) -> bool:
+  """A URL-like path (gs://bucket/...): TFDS reads it through tf.io.gfile; os.path cannot check it."""
+  return "://" in path
+
+
+def check_data_dir(data_dir: str) -> None:
+  """Raises ValueError naming --data_dir when it is given but is not an existing directory.
+
+  For every dataset: a mistyped path must not train on the default copy (Fashion-MNIST), nor become an empty TFDS
+  data dir that TFDS fills with a fresh download. A remote path (gs://...) is left to TFDS.
+  """
+  if not data_dir or _remote(data_dir):
+    return
+  if not os.path.exists(data_dir):
+    raise ValueError(f"--data_dir: {data_dir} does not exist")
+  if not os.path.isdir(data_dir):
+    raise ValueError(f"--data_dir: {data_dir} is not a directory")
+
+
 def _find_fashion_mnist(data_dir: str) -> str | None:
-  for directory in ((data_dir,) if data_dir else ()) + FASHION_MNIST_DIRS:
-    if all(os.path.exists(os.path.join(directory, f)) for f in _FASHION_FILES["train"]):
-      return directory
-  return None
+  """The directory of the four Fashion-MNIST files, or None to read Fashion-MNIST through TFDS.
+
+  An explicit data_dir is the only place looked at: it has the files, or is a TFDS data dir (a fashion_mnist/
+  folder in it, or a remote path). Without one, the first of FASHION_MNIST_DIRS that has them (Debian's copy), else
+  TFDS's default.
+
+  Raises:
+    ValueError: naming --data_dir when it has neither the files nor a TFDS fashion_mnist/ folder.
+  """
+  def has_files(directory: str) -> bool:
+    return all(os.path.exists(os.path.join(directory, f)) for f in _FASHION_FILES["train"])
+
+  if not data_dir:
+    return next((directory for directory in FASHION_MNIST_DIRS if has_files(directory)), None)
+  if has_files(data_dir):
+    return data_dir
+  if _remote(data_dir) or os.path.isdir(os.path.join(data_dir, "fashion_mnist")):
+    return None
+  expected = ", ".join(name for pair in _FASHION_FILES.values() for name in pair)
+  raise ValueError(f"--data_dir: {data_dir} has no Fashion-MNIST files ({expected}) and no TFDS fashion_mnist/ "
+                   "folder")
 
 
 def read_idx(path: str) -> np.ndarray:
@@ -288,9 +337,18 @@ def _cached(make: Callable[[], tf.data.Dataset]) -> Callable[[], tf.data.Dataset
 
 
 # ------------------------------------------------------------------------------------------------------------ folder
+def _hidden(name: str) -> bool:
+  """Names starting with "." (.ipynb_checkpoints, .DS_Store, macOS's ._x.jpg): never classes or images."""
+  return name.startswith(".")
+
+
 def _list_images(directory: str, class_names: list[str] | None) -> tuple[list[str], list[int], list[str]]:
-  """Files under `directory` (sorted) with labels from their first-level subfolder; loose files are UNLABELED."""
-  entries = sorted(os.listdir(directory))
+  """Files under `directory` (sorted) with labels from their first-level subfolder; loose files are UNLABELED.
+
+  Hidden entries (`_hidden`) are skipped at every level, as Keras' image_dataset_from_directory skips hidden class
+  folders: a .ipynb_checkpoints folder is no class, and no copy of the images in it is read.
+  """
+  entries = sorted(e for e in os.listdir(directory) if not _hidden(e))
   if class_names is None:
     class_names = [e for e in entries if os.path.isdir(os.path.join(directory, e))]
   files, labels = [], []
@@ -300,9 +358,9 @@ def _list_images(directory: str, class_names: list[str] | None) -> tuple[list[st
       if entry not in class_names:
         raise ValueError(f"--data_dir: class folder {path} does not exist in the train split")
       for root, dirs, names in os.walk(path):
-        dirs.sort()
+        dirs[:] = sorted(d for d in dirs if not _hidden(d))  # In place: os.walk then skips the hidden ones.
         for file_name in sorted(names):
-          if file_name.lower().endswith(_IMAGE_SUFFIXES):
+          if not _hidden(file_name) and file_name.lower().endswith(_IMAGE_SUFFIXES):
             files.append(os.path.join(root, file_name))
             labels.append(class_names.index(entry))
     elif entry.lower().endswith(_IMAGE_SUFFIXES):
@@ -311,25 +369,151 @@ def _list_images(directory: str, class_names: list[str] | None) -> tuple[list[st
   return files, labels, class_names
 
 
-def check_image_file(path: str) -> None:
-  """Raises ValueError naming `path` if it is empty, unreadable, or not a JPEG, PNG, GIF or BMP."""
+def _jpeg_size(f: BinaryIO) -> tuple[int, int] | None:
+  """(height, width) from the first start-of-frame segment of a JPEG file opened at byte 2, or None."""
+  while True:
+    byte = f.read(1)
+    while byte and byte != b"\xff":  # Tolerates stray bytes between segments, as libjpeg does.
+      byte = f.read(1)
+    while byte == b"\xff":  # Fill bytes.
+      byte = f.read(1)
+    if not byte:
+      return None
+    marker = byte[0]
+    if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # Segments without a length.
+      continue
+    if marker in (0xD9, 0xDA):  # End of image, or scan data before any frame header.
+      return None
+    length = f.read(2)
+    if len(length) < 2 or struct.unpack(">H", length)[0] < 2:
+      return None
+    if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOF0..SOF15 (not DHT, JPG, DAC).
+      frame = f.read(5)  # Precision, height, width.
+      if len(frame) < 5:
+        return None
+      height, width = struct.unpack(">HH", frame[1:5])
+      return (height, width) if height and width else None  # Height 0: given later by a DNL segment.
+    f.seek(struct.unpack(">H", length)[0] - 2, os.SEEK_CUR)
+
+
+def _header_size(f: BinaryIO, head: bytes) -> tuple[int, int] | None:
+  """(height, width) of an image from its header (PNG IHDR, BMP info header, JPEG frame), or None.
+
+  None for GIFs: TensorFlow's GIF decoder does not decode at the header's logical screen size (giflib reconciles it
+  with the first frame's), so a GIF's size is learnt by decoding it.
+  """
+  if head.startswith(b"\x89PNG") and head[12:16] == b"IHDR" and len(head) >= 24:
+    width, height = struct.unpack(">II", head[16:24])
+  elif head.startswith(b"BM") and len(head) >= 26:
+    if struct.unpack("<I", head[14:18])[0] == 12:  # OS/2 BITMAPCOREHEADER: 16-bit sizes.
+      width, height = struct.unpack("<HH", head[18:22])
+    else:
+      width, height = struct.unpack("<ii", head[18:26])  # Negative height: rows stored top-down.
+      height = abs(height)
+  elif head.startswith(b"\xff\xd8"):
+    f.seek(2)
+    return _jpeg_size(f)
+  else:
+    return None
+  return (height, width) if height > 0 and width > 0 else None
+
+
+def _check_image(path: str, *, measure: bool) -> tuple[int, int] | None:
+  """check_image_file(path) and, when `measure`, the image's (height, width): from its header when it can be read
+  there, else by decoding it.
+
+  Raises:
+    ValueError: naming `path` as check_image_file does, or when it cannot be decoded to learn its size.
+  """
   try:
     with open(path, "rb") as f:
-      head = f.read(8)
+      head = f.read(32)
+      if not head:
+        raise ValueError(f"--data_dir: image file {path} is empty")
+      if not head.startswith(_IMAGE_MAGIC):
+        raise ValueError(f"--data_dir: {path} is not a JPEG, PNG, GIF or BMP image")
+      size = _header_size(f, head) if measure else None
   except OSError as e:
     raise ValueError(f"--data_dir: cannot read image {path}: {e}") from e
-  if not head:
-    raise ValueError(f"--data_dir: image file {path} is empty")
-  if not head.startswith(_IMAGE_MAGIC):
-    raise ValueError(f"--data_dir: {path} is not a JPEG, PNG, GIF or BMP image")
-
-
-def find_undecodable(files: tuple[str, ...], *, channels: int) -> str | None:
-  """The first of `files` that TensorFlow cannot decode, or None; used to name the file after a decode error."""
-  for path in files:
+  if measure and size is None:  # A header this parser does not know: TensorFlow's decoder decides.
     try:
-      tf.io.decode_image(tf.io.read_file(path), channels=channels, expand_animations=False)
-    except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError):
+      shape = tf.shape(tf.io.decode_image(tf.io.read_file(path), expand_animations=False)).numpy()
+    except DECODE_ERRORS as e:
+      raise ValueError(f"--data_dir: cannot decode image {path}") from e
+    size = (int(shape[0]), int(shape[1]))
+  return size
+
+
+def check_image_file(path: str) -> None:
+  """Raises ValueError naming `path` if it is empty, unreadable, or not a JPEG, PNG, GIF or BMP."""
+  _check_image(path, measure=False)
+
+
+def decode_image_file(contents: tf.Tensor, *, channels: int) -> tf.Tensor:
+  """uint8 [H, W, channels] of an encoded JPEG, PNG, GIF or BMP (the first frame of an animation).
+
+  TensorFlow decodes GIF and BMP to colour only (channels=1 is an error for them): with channels=1 those are decoded
+  as RGB and converted to grayscale.
+  """
+  if channels != 1:
+    image = tf.io.decode_image(contents, channels=channels, expand_animations=False)
+    return tf.ensure_shape(image, [None, None, channels])
+  head = tf.strings.substr(contents, 0, 2)
+  colour_only = tf.logical_or(tf.equal(head, b"GI"), tf.equal(head, b"BM"))
+  image = tf.cond(
+      colour_only,
+      lambda: tf.image.rgb_to_grayscale(tf.io.decode_image(contents, channels=3, expand_animations=False)),
+      lambda: tf.io.decode_image(contents, channels=1, expand_animations=False))
+  return tf.ensure_shape(image, [None, None, 1])
+
+
+def find_undecodable(files: Sequence[str], *, channels: int, start: int = 0) -> str | None:
+  """The first of `files[start:]` that cannot be read and decoded to `channels` channels, or None; used to name
+  the file after a decode error."""
+  for path in files[start:]:
+    try:
+      decode_image_file(tf.io.read_file(path), channels=channels)
+    except DECODE_ERRORS:
+      return path
+  return None
+
+
+def name_undecodable(split: Split | Sequence[Split], error: Exception, *, flag: str = "--data_dir",
+                     start: int = 0) -> NoReturn:
+  """Raises ValueError naming the first file of the split(s) that its decode rejects; else re-raises `error`.
+
+  Call it from an `except DECODE_ERRORS as error:` around a pass over a split (training, embedding, features):
+  a tf.data error says what failed, not which file. Splits without files (arrays, TFDS) re-raise `error`.
+
+  Args:
+    split: the split the failed pass read, or several (searched in order).
+    error: the caught TensorFlow error (re-raised when no file is at fault).
+    flag: the flag that named the data (--data_dir; evaluate.py's transfer target: --transfer_data_dir).
+    start: the position of the first example not yet seen when the error came (in-order pipelines): the search of
+      the (first) split starts there, and falls back to its start.
+
+  Raises:
+    ValueError: f"{flag}: cannot decode image {path}" (or "cannot read image", when the file is gone).
+  """
+  for index, one in enumerate([split] if isinstance(split, Split) else list(split)):
+    offset = start if index == 0 else 0
+    bad = None
+    for begin in dict.fromkeys((offset, 0)):  # From `start`, then from the beginning.
+      bad = _undecodable_in(one, begin)
+      if bad is not None:
+        break
+    if bad is not None:
+      what = "cannot decode image" if os.path.isfile(bad) else "cannot read image (no such file)"
+      raise ValueError(f"{flag}: {what} {bad}") from error
+  raise error
+
+
+def _undecodable_in(split: Split, start: int) -> str | None:
+  """The first of split.files[start:] that split.decode (the pipeline's own decode) rejects, or None."""
+  for path in split.files[start:]:
+    try:
+      split.decode(tf.constant(path))
+    except DECODE_ERRORS:
       return path
   return None
 
@@ -338,8 +522,7 @@ def _folder_split(files: list[str], labels: list[int], channels: int) -> Split:
   """The stored form of a folder image is its path: shuffling moves paths, decoding reads the file."""
 
   def decode(path: tf.Tensor) -> tf.Tensor:
-    image = tf.io.decode_image(tf.io.read_file(path), channels=channels, expand_animations=False)
-    return tf.ensure_shape(image, [None, None, channels])
+    return decode_image_file(tf.io.read_file(path), channels=channels)
 
   label_array = np.asarray(labels, np.int64)
   return Split(make_raw=lambda: tf.data.Dataset.from_tensor_slices({IMAGE_KEY: files, LABEL_KEY: label_array}),
@@ -347,8 +530,32 @@ def _folder_split(files: list[str], labels: list[int], channels: int) -> Split:
                make_labels=lambda: tf.data.Dataset.from_tensor_slices(label_array))
 
 
-def _load_folder(root: str, *, channels: int) -> DataSource:
-  """ROOT/train (class subfolders give labels; loose images are unlabeled), ROOT/val or ROOT/test for eval."""
+def _check_images(files: list[str], *, measure: bool) -> tuple[tuple[int, int] | None, str]:
+  """Checks every file (check_image_file); when `measure`, also reads sizes from the headers until two differ.
+
+  Returns:
+    ((height, width) shared by every file, "") or (None, "A is HxW, B is HxW") naming the first two that differ;
+    (None, "") when not measured.
+  """
+  first, mixed = None, ""
+  for path in files:
+    size = _check_image(path, measure=measure and not mixed)
+    if size is None:
+      continue
+    if first is None:
+      first = (path, size)
+    elif size != first[1]:
+      mixed = f"{first[0]} is {first[1][0]}x{first[1][1]}, {path} is {size[0]}x{size[1]}"
+  if mixed or first is None:
+    return None, mixed
+  return first[1], ""
+
+
+def _load_folder(root: str, *, channels: int, infer_size: bool = False) -> DataSource:
+  """ROOT/train (class subfolders give labels; loose images are unlabeled), ROOT/val or ROOT/test for eval.
+
+  With infer_size, every image's size is read from its header: image_shape is (H, W, channels) when all are H x W.
+  """
   train_dir = os.path.join(root, "train")
   if not os.path.isdir(train_dir):
     raise ValueError(f"--data_dir: {train_dir} does not exist (expected ROOT/train with images)")
@@ -364,11 +571,16 @@ def _load_folder(root: str, *, channels: int) -> DataSource:
         files_to_check = files + eval_files
         eval_split = _folder_split(eval_files, eval_labels, channels)
         break
-  for path in files_to_check:
-    check_image_file(path)
+  size, mixed = _check_images(files_to_check, measure=infer_size)
+  if size is not None:
+    logging.info("no --image_size: all %d images under %s are %dx%d (height x width)", len(files_to_check), root,
+                 *size)
+  elif mixed:
+    logging.info("no --image_size: the images under %s differ in size (%s)", root, mixed)
+  image_shape = (*size, channels) if size else (None, None, channels)
   return DataSource(name="folder", train=_folder_split(files, labels, channels), eval=eval_split,
-                    image_shape=(None, None, channels), num_classes=len(class_names) if labeled else 0,
-                    class_names=tuple(class_names) if labeled else ())
+                    image_shape=image_shape, num_classes=len(class_names) if labeled else 0,
+                    class_names=tuple(class_names) if labeled else (), mixed_sizes=mixed)
 
 
 # ---------------------------------------------------------------------------------------------------------- pipelines
@@ -381,11 +593,14 @@ def resolve_image_size(source: DataSource, image_size: int) -> int:
   """The side of the model input: cfg.image_size, or the dataset's own square size when it is 0.
 
   Raises:
-    ValueError: --image_size is 0 but the images have no fixed square size.
+    ValueError: --image_size is 0 but the images have no fixed square size (naming two of different sizes, when
+    known).
   """
   if image_size:
     return image_size
   height, width, _ = source.image_shape
+  if height is None and source.mixed_sizes:
+    raise ValueError(f"--image_size: images differ in size ({source.mixed_sizes}); pass --image_size")
   if height is None or height != width:
     raise ValueError(f"--image_size: {source.name} images are {height}x{width}, set --image_size explicitly")
   return height

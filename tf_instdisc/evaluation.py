@@ -119,9 +119,26 @@ def _features(run: features_lib.TrainedRun, source: data_lib.DataSource, layers:
   height, width, _ = source.image_shape
   view = height if transfer and height is not None and height == width else run.input_shape[0]
   common = dict(image_size=view, batch_size=options.batch_size, pixels=pixels)
-  train, train_labels = features_lib.extract(extractor, source.train, cfg.augment, **common)
-  test, test_labels = features_lib.extract(extractor, source.eval, cfg.augment, **common)
+  flag = "--transfer_data_dir" if transfer else "--data_dir"
+  out = []
+  for split in (source.train, source.eval):
+    try:
+      out.extend(features_lib.extract(extractor, split, cfg.augment, **common))
+    except data_lib.DECODE_ERRORS as e:  # A folder's file the pipeline cannot decode: name it.
+      data_lib.name_undecodable(split, e, flag=flag)
+  train, train_labels, test, test_labels = out
   return train, train_labels, test, test_labels
+
+
+def _load_target(cfg: config_lib.Config, options: EvalOptions) -> data_lib.DataSource:
+  """The transfer target; errors about its data name --transfer_data_dir, the flag that gave it."""
+  try:
+    return data_lib.load_source(_data_config(cfg, options, transfer=True))
+  except ValueError as e:
+    prefix = "--data_dir:"
+    if str(e).startswith(prefix):
+      raise ValueError(f"--transfer_data_dir:{str(e)[len(prefix):]}") from e
+    raise
 
 
 def knn_scores(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray, test_labels: np.ndarray, *,
@@ -201,9 +218,12 @@ def semi_supervised(model_dir: str, source: data_lib.DataSource, cfg: config_lib
     row = {"labelled_examples": int(len(indices)), "subset_digest": _digest(indices)}
     for arm, untrained in (("pretrained", False), ("scratch", True)):
       model = features_lib.load_run(model_dir, untrained=untrained).model
-      row[arm] = finetune_lib.finetune(model, source, indices, data_cfg=cfg.data, augment_cfg=cfg.augment,
-                                       cfg=options.finetune, eval_batch_size=options.batch_size,
-                                       name=f"{arm} {percent:g}%")
+      try:
+        row[arm] = finetune_lib.finetune(model, source, indices, data_cfg=cfg.data, augment_cfg=cfg.augment,
+                                         cfg=options.finetune, eval_batch_size=options.batch_size,
+                                         name=f"{arm} {percent:g}%")
+      except data_lib.DECODE_ERRORS as e:  # Fine-tuning reads the labelled subset of train, then eval.
+        data_lib.name_undecodable((data_lib.take_indices(source.train, indices), source.eval), e)
       logging.info("semi-supervised %g%% labels, %s: top-1 %.2f%% top-5 %.2f%%", percent, arm,
                    100 * row[arm]["top1"], 100 * row[arm]["top5"])
     out[f"{percent:g}%"] = row
@@ -295,7 +315,7 @@ def evaluate(model_dir: str, options: EvalOptions) -> dict[str, Any]:
                              xlabel="labelled fraction (%)", x_ticklabels=[f"{f:g}%" for f in fractions],
                              title=f"Semi-supervised fine-tuning ({run_name})")
     else:  # transfer
-      target = data_lib.load_source(_data_config(cfg, options, transfer=True))
+      target = _load_target(cfg, options)
       _labelled(target, "transfer_dataset")
       transfer_layers = list(dict.fromkeys([*options.layers, features_lib.EMBEDDING])) if options.layers else [
           all_layers[-2], features_lib.EMBEDDING]

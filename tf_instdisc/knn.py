@@ -87,15 +87,36 @@ class Progress:
 
 
 def compute_embeddings(model: keras.Model, dataset: tf.data.Dataset, *, total: int | None = None,
-                       log_every_seconds: float = 30.0) -> tuple[np.ndarray, np.ndarray]:
+                       log_every_seconds: float = 30.0, split: data_lib.Split | None = None
+                       ) -> tuple[np.ndarray, np.ndarray]:
   """Embeds a dataset of {"image", "label", ...} batches in order: (float32 [M, D], int64 [M]).
 
   With `total` (the number of images), logs progress every log_every_seconds: an ImageNet pass takes a while.
+
+  Args:
+    model: images -> embeddings.
+    dataset: batches of the split's views, in the split's order (data.make_eval_dataset).
+    total: the number of images, for progress.
+    log_every_seconds: progress interval.
+    split: the split `dataset` reads: an image file the pipeline cannot read or decode is then named.
+
+  Raises:
+    ValueError: f"--data_dir: cannot decode image {path}" for a folder split's bad file (see
+      data.name_undecodable); other pipeline errors propagate unchanged.
   """
   embed = tf.function(lambda images: model(images, training=False), reduce_retracing=True)
   features, labels = [], []
   progress = Progress(total, log_every_seconds, what="embedded")
-  for batch in dataset:
+  iterator = iter(dataset)
+  while True:
+    try:
+      batch = next(iterator)
+    except StopIteration:
+      break
+    except data_lib.DECODE_ERRORS as e:  # Only the input pipeline's errors: a model error is not a file's fault.
+      if split is None:
+        raise
+      data_lib.name_undecodable(split, e, start=progress.done)  # In order: the bad file is at done or later.
     features.append(embed(batch[data_lib.IMAGE_KEY]).numpy())
     labels.append(batch[data_lib.LABEL_KEY].numpy())
     progress.update(len(features[-1]))
@@ -104,9 +125,13 @@ def compute_embeddings(model: keras.Model, dataset: tf.data.Dataset, *, total: i
 
 def embed_split(model: keras.Model, split: data_lib.Split, augment_cfg: config_lib.AugmentConfig, *,
                 image_size: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-  """Embeddings float32 [M, D] and labels int64 [M] of a split's clean (evaluation) views, in order, with progress."""
+  """Embeddings float32 [M, D] and labels int64 [M] of a split's clean (evaluation) views, in order, with progress.
+
+  Raises:
+    ValueError: naming --data_dir and the file, when an image of the split cannot be read or decoded.
+  """
   dataset = data_lib.make_eval_dataset(split, augment_cfg, image_size=image_size, batch_size=batch_size)
-  return compute_embeddings(model, dataset, total=split.num_examples)
+  return compute_embeddings(model, dataset, total=split.num_examples, split=split)
 
 
 def knn_accuracy(query_features: np.ndarray, query_labels: np.ndarray, keys: tf.Tensor, key_labels: np.ndarray, *,
@@ -133,17 +158,25 @@ def knn_accuracy(query_features: np.ndarray, query_labels: np.ndarray, keys: tf.
 
 
 class KnnEvaluator:
-  """kNN accuracy of an eval split against given keys (the bank, or clean train features) and train labels."""
+  """kNN accuracy of an eval split against given keys (the bank, or clean train features) and train labels.
+
+  `split`, the split eval_dataset reads (in order), lets a file the pipeline cannot decode be named.
+  """
 
   def __init__(self, eval_dataset: tf.data.Dataset, train_labels: np.ndarray, *, k: int, temperature: float,
-               num_classes: int):
+               num_classes: int, split: data_lib.Split | None = None):
     self.eval_dataset = eval_dataset
     self.train_labels = train_labels
     self.k, self.temperature, self.num_classes = k, temperature, num_classes
+    self.split = split
 
   def run(self, model: keras.Model, keys: tf.Tensor) -> Iterator[tuple[str, float]]:
-    """Yields ("knn_top1", acc) and ("knn_top5", acc) for the eval split embedded by `model` against `keys`."""
-    features, labels = compute_embeddings(model, self.eval_dataset)
+    """Yields ("knn_top1", acc) and ("knn_top5", acc) for the eval split embedded by `model` against `keys`.
+
+    Raises:
+      ValueError: naming --data_dir and the file, when `split` was given and one of its images cannot be decoded.
+    """
+    features, labels = compute_embeddings(model, self.eval_dataset, split=self.split)
     results = knn_accuracy(features, labels, keys, self.train_labels, k=self.k, temperature=self.temperature,
                            num_classes=self.num_classes)
     yield from results.items()
