@@ -9,11 +9,13 @@ again with the same --model_dir resumes from the last checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import sys
 
 from absl import app
 from absl import flags
+from absl import logging as absl_logging
 
 from tf_instdisc import config as config_lib
 
@@ -39,7 +41,9 @@ _HELP = {
     "erasing_prob": "Probability of erasing a random rectangle of 2-25% of a training crop (not in NPID).",
     "views": "1: one augmented view per image (the paper); 2: two views per image, each the other's positive "
              "besides its bank row, symmetric loss (Ye et al. 2019).",
-    "arch": f"Backbone: {', '.join(config_lib.ARCHS)}.",
+    "arch": f"Backbone: {', '.join(config_lib.ARCHS)}; or keras.<Name>, an untrained keras.applications model "
+            "without its top, average-pooled (images of at least 32x32, 75x75 for the Inception models, 71x71 "
+            f"for Xception): {', '.join(config_lib.KERAS_ARCHS)}.",
     "embedding_dim": "Size D of the L2-normalised embedding.",
     "head_batchnorm": "Batch-normalise the projection before the L2 norm (not in the paper; faster start).",
     "sync_batchnorm": "Batch-norm statistics over the global batch across replicas (results independent of the "
@@ -132,6 +136,20 @@ def config_from_flags() -> config_lib.Config:
   return config_lib.validate(config_lib.Config(**sections))
 
 
+def _hide_tensorflow_info() -> None:
+  """Keeps the INFO lines that TensorFlow's Python code logs through absl off the console ("Sharding callback
+  duration: 74 microseconds" at every checkpoint save); its warnings and errors pass, and --verbosity=1 shows all."""
+  import tensorflow as tf
+
+  tensorflow_dir = os.path.dirname(os.path.abspath(tf.__file__)) + os.sep
+
+  def keep(record: logging.LogRecord) -> bool:
+    return (record.levelno >= logging.WARNING or absl_logging.get_verbosity() >= absl_logging.DEBUG
+            or not os.path.abspath(record.pathname).startswith(tensorflow_dir))
+
+  absl_logging.get_absl_logger().addFilter(keep)
+
+
 def main(argv: list[str]) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -146,13 +164,15 @@ def main(argv: list[str]) -> int:
   from tf_instdisc import distribute
   from tf_instdisc import train_lib
 
+  _hide_tensorflow_info()
   if cfg.train.cpu_devices:
     distribute.split_cpu(cfg.train.cpu_devices)
 
-  os.makedirs(cfg.train.model_dir, exist_ok=True)
-  FLAGS.append_flags_into_file(os.path.join(cfg.train.model_dir, "flags.txt"))
+  # Nothing is written before the run accepts this start: train_lib writes flags.txt (these flags, whole) with
+  # config.json and run.json once the data, the resume check and the restore have passed.
   try:
-    train_lib.run(cfg, distribute.make_strategy(cfg.train.strategy, tpu=cfg.train.tpu))
+    train_lib.run(cfg, distribute.make_strategy(cfg.train.strategy, tpu=cfg.train.tpu),
+                  flags_text=FLAGS.flags_into_string())
   except (ValueError, FloatingPointError, OSError) as e:
     print(f"train.py: {e}", file=sys.stderr)
     return 1

@@ -1,16 +1,25 @@
-"""End to end: train.py in a subprocess on real Fashion-MNIST images (smoke.flags), kill and resume, bad input."""
+"""End to end: train.py in a subprocess on real Fashion-MNIST images (smoke.flags), kill and resume, bad input,
+faults (SIGKILLs at random moments, refused starts that change nothing, unwritable model dirs)."""
 
 from __future__ import annotations
 
+import builtins
+import contextlib
+import errno
+import io
 import json
 import os
+import random
 import re
 import signal
 import subprocess
+import sys
 import time
+from unittest import mock
 
 from tests import testing
 
+import numpy as np
 import tensorflow as tf
 from absl.testing import absltest
 
@@ -19,8 +28,14 @@ from tf_instdisc import data as data_lib
 from tf_instdisc import knn
 from tf_instdisc import model as model_lib
 
+sys.path.insert(0, testing.REPO_ROOT)  # train.py lives at the repo root, beside tests/.
+import train  # noqa: E402
+
 TRAIN = os.path.join(testing.REPO_ROOT, "train.py")
 SMOKE = os.path.join(testing.REPO_ROOT, "smoke.flags")
+# Smaller than the smoke run: 256 images, 4 steps of 64 per epoch, a 64-image monitor; for the tests that start
+# train.py many times.
+TINY = ("--max_train_examples=256", "--max_eval_examples=64", "--nofinal_eval")
 
 
 def _train(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -48,6 +63,24 @@ def _untrained_knn(model_dir: str) -> dict[str, float]:
   evaluator = knn.KnnEvaluator(views["eval"], data_lib.load_labels(source.train), k=cfg.eval.knn_k,
                                temperature=cfg.eval.knn_temperature, num_classes=source.num_classes)
   return dict(evaluator.run(model, tf.constant(keys)))
+
+
+def _digest(directory: str) -> dict[str, bytes | None]:
+  """{relative path: bytes} of every file under directory, and {relative path: None} of every directory."""
+  entries = {}
+  for root, dirs, names in os.walk(directory):
+    for name in dirs:
+      entries[os.path.relpath(os.path.join(root, name), directory) + os.sep] = None
+    for name in names:
+      with open(os.path.join(root, name), "rb") as f:
+        entries[os.path.relpath(os.path.join(root, name), directory)] = f.read()
+  return entries
+
+
+def _checkpoint_values(model_dir: str) -> dict[str, object]:
+  """Every variable of the latest checkpoint in model_dir but the save counter (it counts saves, not steps)."""
+  reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints")))
+  return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map() if "save_counter" not in name}
 
 
 def _checkpoint_files(model_dir: str) -> dict[str, float]:
@@ -175,6 +208,131 @@ class BadInputTest(absltest.TestCase):
     self._assert_fails_naming("--arch", f"--model_dir={model_dir}", "--arch=resnet18_cifar")
     self.assertEqual(_checkpoint_files(model_dir), before)
     self.assertLen(_metrics(model_dir), 1)
+
+
+@absltest.skipUnless(testing.has_fashion_mnist(), "needs Debian's dataset-fashion-mnist")
+class FaultsTest(absltest.TestCase):
+  """Issue 12: a refused start changes nothing, a kill at any moment loses no epoch, OS errors name the path."""
+
+  def test_refused_starts_change_nothing_and_flags_txt_holds_the_last_accepted_start(self):
+    model_dir = self.create_tempdir().full_path
+    for epochs in (1, 2):
+      result = _train(f"--model_dir={model_dir}", *TINY, f"--epochs={epochs}")
+      self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+      self.assertIn(f"epoch {epochs} done", result.stderr)  # Our INFO lines stay; this start saved a checkpoint,
+      self.assertNotIn("Sharding callback duration", result.stderr)  # and TensorFlow's INFO note of it is hidden.
+    with open(os.path.join(model_dir, "flags.txt")) as f:
+      flags_text = f.read()
+    self.assertEqual(flags_text.count(f"--model_dir={model_dir}\n"), 1)
+    self.assertIn("--epochs=2\n", flags_text)
+    self.assertNotIn("--epochs=1\n", flags_text)
+    before = _digest(model_dir)
+    self.assertNotEmpty([name for name in before if name.startswith("train/events.out.tfevents")])
+    for flag, message in (
+        ("--dataset=no_such_dataset_xyz", "train.py: --dataset: unknown dataset 'no_such_dataset_xyz' ("),
+        ("--objective=parametric", f"train.py: --objective: --model_dir={model_dir} holds a run with "
+         "objective='softmax', this run has 'parametric'. Resume with the same settings or use a new --model_dir."),
+        ("--max_train_examples=128", f"train.py: --max_train_examples: --model_dir={model_dir} holds a run with "
+         "num_instances=256, this run has 128. Resume with the same settings or use a new --model_dir.")):
+      with self.subTest(flag):
+        result = _train(f"--model_dir={model_dir}", *TINY, "--epochs=3", flag, timeout=120)
+        self.assertEqual(result.returncode, 1, result.stderr[-3000:])
+        self.assertNotEmpty([line for line in result.stderr.splitlines() if line.startswith(message)],
+                            result.stderr[-3000:])
+        self.assertEqual(_digest(model_dir), before)
+
+  def test_model_dir_that_is_a_regular_file(self):
+    path = self.create_tempfile(content="mine").full_path
+    result = _train(f"--model_dir={path}", *TINY, timeout=120)
+    self.assertEqual(result.returncode, 1)
+    self.assertEqual(result.stderr.strip().splitlines()[-1],
+                     f"train.py: --model_dir: {path} exists and is not a directory; pass a directory (new or a run's)")
+    self.assertNotIn("Traceback", result.stderr)
+
+  def test_full_disk_at_start_prints_one_line_naming_the_path(self):
+    # In process, with open() patched: root ignores permissions, so a full disk stands in for every OSError of a
+    # start's first writes (tests/train_lib_test.py has the read-only dir for other users).
+    model_dir = self.create_tempdir().full_path
+    train.FLAGS.unparse_flags()
+    self.addCleanup(train.FLAGS.unparse_flags)
+    train.FLAGS(["train.py", f"--flagfile={SMOKE}", f"--model_dir={model_dir}", *TINY, "--strategy=one_device"])
+    real_open = builtins.open
+
+    def full_disk(file, mode="r", *args, **kwargs):
+      if isinstance(file, str) and os.path.abspath(file).startswith(model_dir) and set(mode) & set("wax+"):
+        raise OSError(errno.ENOSPC, "No space left on device", file)
+      return real_open(file, mode, *args, **kwargs)
+
+    stderr = io.StringIO()
+    with mock.patch.object(builtins, "open", full_disk), contextlib.redirect_stderr(stderr):
+      code = train.main(["train.py"])
+    self.assertEqual(code, 1)
+    self.assertIn(f"train.py: --model_dir: cannot write {model_dir}/flags.txt (No space left on device)",
+                  stderr.getvalue().splitlines())
+    self.assertEmpty(os.listdir(model_dir))
+
+  def test_sigkills_at_random_moments_lose_no_epoch_and_change_no_result(self):
+    args = [testing.python(), TRAIN, f"--flagfile={SMOKE}", *TINY, "--epochs=4"]
+    straight, killed = self.create_tempdir().full_path, self.create_tempdir().full_path
+    result = subprocess.run([*args, f"--model_dir={straight}"], cwd=testing.REPO_ROOT, capture_output=True,
+                            text=True, timeout=300)
+    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    seed = random.SystemRandom().randrange(2**31)
+    rng, checkpoints, kills = random.Random(seed), os.path.join(killed, "checkpoints"), []
+
+    def temporary_checkpoints():
+      return sorted(n for n in os.listdir(checkpoints) if n.endswith("_temp")) if os.path.isdir(checkpoints) else []
+
+    def start_and_kill(moment: str) -> list[str] | None:
+      """Starts train.py and SIGKILLs it at `moment`; the temporary checkpoints it left, None if it ended first."""
+      log = os.path.join(self.create_tempdir().full_path, "stderr.txt")
+      with open(log, "w") as stderr:
+        process = subprocess.Popen([*args, f"--model_dir={killed}"], cwd=testing.REPO_ROOT,
+                                   stdout=subprocess.DEVNULL, stderr=stderr)
+        start = time.time()
+        at = start + rng.uniform(3.0, 15.0)
+        while process.poll() is None and time.time() < start + 240:
+          if moment == "random" and time.time() >= at:
+            break
+          if moment == "epoch_done" and " done: loss " in open(log).read():
+            break
+          if moment == "checkpoint_write" and temporary_checkpoints():
+            break
+          time.sleep(0.001 if moment == "checkpoint_write" else 0.02)
+        if process.poll() is not None:
+          process.wait()
+          return None
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+      left = temporary_checkpoints()
+      kills.append(f"{moment} after {time.time() - start:.2f} s, left {left}")
+      return left
+
+    # A random moment (start-up, training, evaluation or a save), right after an epoch's record (its checkpoint
+    # comes next), and in the middle of a checkpoint write (TensorFlow writes under a temporary name, then renames;
+    # tried again when the write ended between our look and the kill).
+    start_and_kill("random")
+    start_and_kill("epoch_done")
+    for _ in range(3):
+      if start_and_kill("checkpoint_write"):
+        break
+    start_and_kill("random")
+    self.assertTrue(any("checkpoint_write" in kill and "_temp" in kill for kill in kills), f"seed {seed}: {kills}")
+    resumed = subprocess.run([*args, f"--model_dir={killed}"], cwd=testing.REPO_ROOT, capture_output=True, text=True,
+                             timeout=300)
+    self.assertEqual(resumed.returncode, 0, resumed.stderr[-3000:])
+    context = f"seed {seed}, kills {kills}"
+    records, expected_records = _metrics(killed), _metrics(straight)
+    self.assertEqual([r["epoch"] for r in records], [1, 2, 3, 4], context)
+    for name in ("step", "loss", "lr", "knn_top1", "knn_top5"):
+      self.assertEqual([r[name] for r in records], [r[name] for r in expected_records], f"{name}, {context}")
+    walls = [r["time"]["wall_seconds"] for r in records]
+    self.assertEqual(walls, sorted(walls), context)
+    expected, actual = _checkpoint_values(straight), _checkpoint_values(killed)
+    self.assertEqual(sorted(actual), sorted(expected), context)
+    for name, value in expected.items():
+      np.testing.assert_array_equal(actual[name], value, err_msg=f"{name}; {context}")
+    self.assertEmpty([name for name in os.listdir(checkpoints) if name.endswith("_temp")], context)
 
 
 if __name__ == "__main__":

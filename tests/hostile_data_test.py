@@ -69,6 +69,19 @@ class HostileFolderRunTest(tf.test.TestCase):
     return evaluation.EvalOptions(output_dir=out, results_table=os.path.join(out, "results.md"), plots=False,
                                   tsne_points=0, knn_k=(3,), knn_features=("embedding",), **fields)
 
+  def test_train_py_names_a_corrupt_eval_image_and_a_missing_train_image(self):
+    cfg = testing.tiny_config(os.path.join(self.root, "train_eval"), dataset="folder", data_dir=self.data_dir,
+                              image_size=8, epochs=1, num_negatives=8, batch_size=8, knn_k=3)
+    bad = self._corrupt("test/ants/0.png")
+    with self.assertRaises(ValueError) as raised:  # The bank monitor after the epoch reads the eval split.
+      train_lib.run(cfg, distribute.make_strategy("one_device"))
+    self.assertEqual(str(raised.exception), f"--data_dir: cannot decode image {bad}")
+    bad = self._corrupt("train/bees/2.png")
+    with self.assertRaises(ValueError) as raised:
+      train_lib.run(testing.replace(cfg, model_dir=os.path.join(self.root, "train_train")),
+                    distribute.make_strategy("one_device"))
+    self.assertEqual(str(raised.exception), f"--data_dir: cannot decode image {bad}")  # Training meets it first.
+
   def test_knn_protocol_names_a_corrupt_eval_image(self):
     bad = self._corrupt("test/bees/1.png")
     with self.assertRaises(ValueError) as raised:

@@ -1,10 +1,16 @@
-"""Tests of the train step, the multi-step loop and the run loop on tiny in-memory data."""
+"""Tests of the train step, the multi-step loop and the run loop on tiny in-memory data, and of its faults: refused
+starts that change nothing, kills at every moment of an epoch's end, model dirs that cannot be written."""
 
 from __future__ import annotations
 
+import builtins
+import contextlib
+import errno
 import json
 import os
 import time
+import unittest
+from unittest import mock
 
 from tests import testing
 
@@ -467,6 +473,224 @@ class RunTest(tf.test.TestCase):
         with self.assertRaisesRegex(ValueError, f"--{flag}"):
           train_lib.run(cfg, strategy, source=source)
     self.assertLen(_read_metrics(model_dir), 1)
+
+
+def _digest(directory: str) -> dict[str, bytes | None]:
+  """{relative path: bytes} of every file under directory, and {relative path: None} of every directory."""
+  entries = {}
+  for root, dirs, names in os.walk(directory):
+    for name in dirs:
+      entries[os.path.relpath(os.path.join(root, name), directory) + os.sep] = None
+    for name in names:
+      with open(os.path.join(root, name), "rb") as f:
+        entries[os.path.relpath(os.path.join(root, name), directory)] = f.read()
+  return entries
+
+
+def _checkpoint_values(model_dir: str) -> dict[str, object]:
+  """Every variable of the latest checkpoint in model_dir, but the save counter (it counts saves, not steps) and the
+  object graph (it holds Python-side names such as "sgd_4", which count the optimizers built in the process)."""
+  latest = tf.train.latest_checkpoint(os.path.join(model_dir, checkpointing.CHECKPOINT_SUBDIR))
+  reader = tf.train.load_checkpoint(latest)
+  return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
+          if "save_counter" not in name and name != "_CHECKPOINTABLE_OBJECT_GRAPH"}
+
+
+class RefusedStartTest(tf.test.TestCase):
+  """Everything that can refuse a start runs before the first write: a refused start leaves the model dir as it was."""
+
+  def setUp(self):
+    super().setUp()
+    self.strategy, self.source = distribute.make_strategy("one_device"), testing.tiny_source()
+
+  def test_refused_starts_change_no_file_of_the_model_dir(self):
+    model_dir = self.create_tempdir().full_path
+    train_lib.run(testing.tiny_config(model_dir, epochs=1, final_eval=False), self.strategy, self.source,
+                  flags_text="--epochs=1\n")
+    before = _digest(model_dir)
+    self.assertIn("flags.txt", before)
+    self.assertNotEmpty([name for name in before if name.startswith("train/events.out.tfevents")])
+    cases = [
+        ("dataset", testing.tiny_config(model_dir, epochs=2, dataset="no_such_dataset_xyz"), None,
+         "--dataset: unknown dataset 'no_such_dataset_xyz' ("),
+        ("objective", testing.tiny_config(model_dir, epochs=2, objective="softmax"), self.source,
+         f"--objective: --model_dir={model_dir} holds a run with objective='nce', this run has 'softmax'. Resume with "
+         "the same settings or use a new --model_dir."),
+        ("max_train_examples", testing.tiny_config(model_dir, epochs=2), testing.tiny_source(n=48),
+         f"--max_train_examples: --model_dir={model_dir} holds a run with num_instances=64, this run has 48. Resume "
+         "with the same settings or use a new --model_dir."),
+    ]
+    for flag, cfg, source, message in cases:
+      with self.subTest(flag):
+        with self.assertRaises(ValueError) as raised:
+          train_lib.run(cfg, self.strategy, source, flags_text=f"--{flag}=changed\n")
+        self.assertStartsWith(str(raised.exception), message)
+        self.assertEqual(_digest(model_dir), before)
+
+  def test_a_refused_first_start_creates_no_model_dir(self):
+    model_dir = os.path.join(self.create_tempdir().full_path, "new")
+    with self.assertRaisesRegex(ValueError, "^--num_negatives"):
+      train_lib.run(testing.tiny_config(model_dir, num_negatives=64), self.strategy, self.source, flags_text="x\n")
+    self.assertFalse(os.path.exists(model_dir))
+
+  def test_flags_txt_holds_the_flags_of_the_last_accepted_start_once(self):
+    model_dir = self.create_tempdir().full_path
+    for epochs in (1, 2):
+      train_lib.run(testing.tiny_config(model_dir, epochs=epochs, final_eval=False), self.strategy, self.source,
+                    flags_text=f"--model_dir={model_dir}\n--epochs={epochs}\n")
+    with open(os.path.join(model_dir, checkpointing.FLAGS_FILE)) as f:
+      self.assertEqual(f.read(), f"--model_dir={model_dir}\n--epochs=2\n")
+    with open(os.path.join(model_dir, checkpointing.CONFIG_FILE)) as f:
+      self.assertEqual(json.load(f)["train"]["epochs"], 2)
+    self.assertEmpty([name for name in _digest(model_dir) if name.endswith(".tmp")])
+    # A caller without flags (a notebook) leaves flags.txt alone.
+    train_lib.run(testing.tiny_config(model_dir, epochs=2, final_eval=False), self.strategy, self.source)
+    with open(os.path.join(model_dir, checkpointing.FLAGS_FILE)) as f:
+      self.assertEqual(f.read(), f"--model_dir={model_dir}\n--epochs=2\n")
+
+
+class _Killed(BaseException):
+  """What the patched functions raise to end a start as a SIGKILL would: no handler of the run catches it."""
+
+
+class KillTest(tf.test.TestCase):
+  """A start killed at each moment of an epoch's end; every restart resumes. The records and the final state are
+  those of a run never killed."""
+
+  @contextlib.contextmanager
+  def _killed_at(self, kind: str, epoch: int):
+    """Patches _Run so that the start ends at moment `kind` of epoch `epoch` (1-based), as a kill there would."""
+    record, save = train_lib._Run._record, train_lib._Run._save
+
+    def patched_record(run, index, values):
+      record(run, index, values)
+      if index + 1 != epoch:
+        return
+      if kind == "torn_record":  # Killed in the middle of the append: half a line, no newline.
+        path = os.path.join(run.model_dir, train_lib.METRICS_FILE)
+        with open(path) as f:
+          lines = f.readlines()
+        with open(path, "w") as f:
+          f.writelines(lines[:-1] + [lines[-1][:len(lines[-1]) // 2]])
+        raise _Killed(kind)
+      if kind == "after_record":  # Between the record and the checkpoint.
+        raise _Killed(kind)
+
+    def patched_save(run):
+      if run.step // run.plan.steps_per_epoch != epoch:
+        return save(run)
+      if kind == "in_save":  # Killed while TensorFlow writes the checkpoint under its temporary name.
+        for step in (run.step, run.step - 1):  # This one, and a mid-epoch one (SIGTERM's) never written again.
+          temp = os.path.join(run.manager.directory, f"ckpt-{step}_temp")
+          os.makedirs(temp, exist_ok=True)
+          with open(os.path.join(temp, "part-00000-of-00001.data-00000-of-00001"), "wb") as f:
+            f.write(b"half a checkpoint")
+        raise _Killed(kind)
+      path = save(run)
+      if kind == "after_save":  # The old gap: checkpoint written, the epoch's record not yet.
+        raise _Killed(kind)
+      return path
+
+    with mock.patch.object(train_lib._Run, "_record", patched_record), \
+         mock.patch.object(train_lib._Run, "_save", patched_save):
+      yield
+
+  def test_kills_at_every_moment_of_an_epoch_end_lose_no_record_and_change_no_result(self):
+    strategy, source = distribute.make_strategy("one_device"), testing.tiny_source()
+    cfg = lambda model_dir: testing.tiny_config(model_dir, epochs=2, final_eval=False)  # noqa: E731
+    straight = self.create_tempdir().full_path
+    train_lib.run(cfg(straight), strategy, source)
+    killed = self.create_tempdir().full_path
+    moments = [(kind, epoch) for epoch in (1, 2) for kind in ("torn_record", "after_record", "in_save", "after_save")]
+    for kind, epoch in moments:
+      with self.subTest(f"{kind} of epoch {epoch}"), self._killed_at(kind, epoch):
+        with self.assertRaisesRegex(_Killed, kind):
+          train_lib.run(cfg(killed), strategy, source)
+      if kind == "torn_record":  # Readers of the killed run (results.read_epochs, train_lib's) skip the half line.
+        self.assertEqual([r["epoch"] for r in train_lib.results_lib.read_epochs(killed)], list(range(1, epoch)))
+    train_lib.run(cfg(killed), strategy, source)
+    self.assertEqual([r["epoch"] for r in _read_metrics(killed)], [1, 2])
+    with open(os.path.join(straight, train_lib.METRICS_FILE)) as f, \
+         open(os.path.join(killed, train_lib.METRICS_FILE)) as g:
+      straight_records, killed_records = [json.loads(line) for line in f], [json.loads(line) for line in g]
+    for name in ("step", "loss", "lr", "knn_top1", "knn_top5", "normalizer", "positive_similarity"):
+      self.assertEqual([r[name] for r in killed_records], [r[name] for r in straight_records], name)
+    for part in ("wall", "train"):  # The time accounts carry over every resume.
+      seconds = [r["time"][f"{part}_seconds"] for r in killed_records]
+      self.assertEqual(seconds, sorted(seconds), part)
+    expected = _checkpoint_values(straight)
+    actual = _checkpoint_values(killed)
+    self.assertEqual(sorted(actual), sorted(expected))
+    for name, value in expected.items():
+      self.assertAllEqual(actual[name], value, msg=name)
+    self.assertEqual(sorted(os.listdir(os.path.join(killed, "checkpoints"))),
+                     sorted(os.listdir(os.path.join(straight, "checkpoints"))))  # No temporary checkpoint left.
+
+
+class OSErrorTest(tf.test.TestCase):
+  """A model dir that cannot be made or written ends in one error naming the path, not a traceback."""
+
+  def setUp(self):
+    super().setUp()
+    self.strategy, self.source = distribute.make_strategy("one_device"), testing.tiny_source()
+
+  def test_model_dir_that_is_a_regular_file(self):
+    path = self.create_tempfile(content="mine").full_path
+    with self.assertRaises(ValueError) as raised:
+      train_lib.run(testing.tiny_config(path), self.strategy, self.source)
+    self.assertEqual(str(raised.exception),
+                     f"--model_dir: {path} exists and is not a directory; pass a directory (new or a run's)")
+    with open(path) as f:
+      self.assertEqual(f.read(), "mine")
+
+  @unittest.skipIf(os.geteuid() == 0, "root writes into read-only directories")
+  def test_read_only_model_dir(self):
+    model_dir = self.create_tempdir().full_path
+    os.chmod(model_dir, 0o500)
+    self.addCleanup(os.chmod, model_dir, 0o700)
+    with self.assertRaises(OSError) as raised:
+      train_lib.run(testing.tiny_config(model_dir), self.strategy, self.source, flags_text="x\n")
+    self.assertEqual(str(raised.exception), f"--model_dir: cannot write {model_dir}/flags.txt (Permission denied)")
+    self.assertEmpty(os.listdir(model_dir))
+
+  def test_full_disk_when_creating_the_model_dir(self):
+    model_dir = os.path.join(self.create_tempdir().full_path, "new")
+    makedirs = os.makedirs
+
+    def full_disk(path, *args, **kwargs):
+      if os.path.abspath(path).startswith(model_dir):
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+      return makedirs(path, *args, **kwargs)
+
+    with mock.patch.object(os, "makedirs", full_disk), self.assertRaises(OSError) as raised:
+      train_lib.run(testing.tiny_config(model_dir), self.strategy, self.source)
+    self.assertEqual(str(raised.exception), f"--model_dir: cannot create {model_dir} (No space left on device)")
+
+  def _full_disk_under(self, path: str):
+    """Patches open() so that writing any file under path fails as on a full disk; reads pass."""
+    real_open = builtins.open
+
+    def full_disk(file, mode="r", *args, **kwargs):
+      if isinstance(file, str) and os.path.abspath(file).startswith(path) and set(mode) & set("wax+"):
+        raise OSError(errno.ENOSPC, "No space left on device", file)
+      return real_open(file, mode, *args, **kwargs)
+
+    return mock.patch.object(builtins, "open", full_disk)
+
+  def test_full_disk_at_the_first_write(self):
+    model_dir = self.create_tempdir().full_path
+    with self._full_disk_under(model_dir), self.assertRaises(OSError) as raised:
+      train_lib.run(testing.tiny_config(model_dir), self.strategy, self.source, flags_text="x\n")
+    self.assertEqual(str(raised.exception),
+                     f"--model_dir: cannot write {model_dir}/flags.txt (No space left on device)")
+    self.assertEmpty(os.listdir(model_dir))
+
+  def test_full_disk_while_training_names_the_metrics_file(self):
+    model_dir = self.create_tempdir().full_path
+    metrics = os.path.join(model_dir, train_lib.METRICS_FILE)
+    with self._full_disk_under(metrics), self.assertRaises(OSError) as raised:
+      train_lib.run(testing.tiny_config(model_dir, epochs=1), self.strategy, self.source)
+    self.assertEqual(str(raised.exception), f"--model_dir: cannot write {metrics} (No space left on device)")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ resume, `check_resume` compares the run in the model dir with the one being star
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any
@@ -16,8 +17,9 @@ import tensorflow as tf
 from tf_instdisc import config as config_lib
 
 CHECKPOINT_SUBDIR = "checkpoints"
-CONFIG_FILE = "config.json"  # The run's full config (config_lib.to_dict), rewritten at every start.
+CONFIG_FILE = "config.json"  # The run's full config (config_lib.to_dict), rewritten at every accepted start.
 RUN_FILE = "run.json"  # What a checkpoint in this dir must match: dataset, size, arch, embedding_dim, objective.
+FLAGS_FILE = "flags.txt"  # The flags of the last accepted train.py start (FLAGS.flags_into_string()).
 BANK_KEY = "model/memory_bank/rows/.ATTRIBUTES/VARIABLE_VALUE"
 STEP_KEY = "model/step/.ATTRIBUTES/VARIABLE_VALUE"
 # Checkpoints of tf_instdisc 0.1 (a functional embedding model beside a separate bank module) have this key.
@@ -168,8 +170,20 @@ def save_run_identity(model_dir: str, identity: dict[str, Any]) -> None:
 
 def write_json_atomic(path: str, value: Any) -> None:
   """Writes JSON to a temporary file and renames it over `path`: readers never see half a file."""
+  write_text_atomic(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+
+def write_text_atomic(path: str, text: str) -> None:
+  """Writes text to a temporary file and renames it over `path`: a crash leaves the old file or the new one.
+
+  A failed write (disk full, permissions) removes the temporary file and raises the OSError.
+  """
   tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(value, f, indent=2, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, path)
+  try:
+    with open(tmp, "w") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  except OSError:
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    raise

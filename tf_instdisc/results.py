@@ -87,12 +87,21 @@ def format_seconds(seconds: float) -> str:
 
 
 def read_epochs(model_dir: str) -> list[dict[str, Any]]:
-  """A train.py run's per-epoch records (metrics.jsonl; [] when it has none)."""
+  """A train.py run's per-epoch records (metrics.jsonl; [] when it has none). A last line that a kill cut short
+  (half a record: the run was killed while appending it, and not resumed since) is left out."""
   path = os.path.join(model_dir, METRICS_FILE)
   if not os.path.exists(path):
     return []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = [line for line in f if line.strip()]
+  records = []
+  for number, line in enumerate(lines, 1):
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError:
+      if number < len(lines):
+        raise
+  return records
 
 
 def train_seconds(model_dir: str) -> float:

@@ -157,8 +157,40 @@ class _Clock:
     return f"wall {fmt(wall)}: {shares}"
 
 
+def check_model_dir(model_dir: str) -> None:
+  """Refuses a --model_dir that exists and is not a directory (before any work, so the refusal comes at once).
+
+  Raises:
+    ValueError: naming --model_dir and the path.
+  """
+  if os.path.exists(model_dir) and not os.path.isdir(model_dir):
+    raise ValueError(f"--model_dir: {model_dir} exists and is not a directory; pass a directory (new or a run's)")
+
+
+def _reason(error: BaseException) -> str:
+  """The short reason of an OS or TensorFlow error: 'No space left on device', 'Permission denied', ..."""
+  if isinstance(error, OSError) and error.strerror:
+    return error.strerror
+  if isinstance(error, tf.errors.OpError):
+    return error.message.strip().splitlines()[0] if error.message.strip() else type(error).__name__
+  return str(error) or type(error).__name__
+
+
+@contextlib.contextmanager
+def _writing(path: str, verb: str = "write") -> Iterator[None]:
+  """Turns an OS (or TensorFlow file) error of a model-dir write into one OSError naming --model_dir and the path."""
+  try:
+    yield
+  except (OSError, tf.errors.OpError) as e:
+    raise OSError(f"--model_dir: cannot {verb} {path} ({_reason(e)})") from e
+
+
 class _Run:
   """The Python side of one run: owns the model dir's files, summaries and console output.
+
+  A start is refused (ValueError naming the flag or file) or accepted; only an accepted start changes the model dir:
+  everything that can refuse it (config, data, the resume check, the checkpoint restore) runs first, then `_accept`
+  writes flags.txt, config.json and run.json, trims metrics.jsonl and opens the TensorBoard writer.
 
   In a multi-worker run every worker trains, evaluates and saves (saving is a collective step), but only the chief
   writes into the model dir: the other workers save their checkpoints to a scratch dir they delete at once, and
@@ -166,18 +198,19 @@ class _Run:
   """
 
   def __init__(self, cfg: config_lib.Config, strategy: tf.distribute.Strategy,
-               source: data_lib.DataSource | None = None, *, started_at: float | None = None):
+               source: data_lib.DataSource | None = None, *, started_at: float | None = None,
+               flags_text: str | None = None):
     self.cfg, self.strategy = cfg, strategy
     self.clock = _Clock(started_at or time.time())
     self.model_dir = cfg.train.model_dir
     self.chief = distribute.is_chief(strategy)
+    check_model_dir(self.model_dir)
     self.source = source or data_lib.load_source(cfg.data)
     self.plan = plan_run(cfg, self.source)
     self.identity = checkpointing.run_identity(
         dataset=cfg.data.dataset, num_instances=self.plan.num_instances, arch=cfg.model.arch,
         embedding_dim=cfg.model.embedding_dim, objective=cfg.loss.objective, image_shape=self.plan.input_shape,
         bank_dtype=cfg.bank.bank_dtype)
-    os.makedirs(self.model_dir, exist_ok=True)
     checkpointing.check_resume(self.model_dir, self.identity)
     with strategy.scope():
       self.state = build_state(cfg, num_instances=self.plan.num_instances, input_shape=self.plan.input_shape,
@@ -190,20 +223,50 @@ class _Run:
                  restored or "no checkpoint", type(strategy).__name__, strategy.num_replicas_in_sync)
     if restored is None and cfg.bank.bank_init == "features":
       self._initialize_bank_from_features()
-    self.scratch_dir = None
-    if self.chief:
-      self._truncate_metrics(self.step // self.plan.steps_per_epoch)
-      checkpointing.save_run_identity(self.model_dir, self.identity)
-      checkpointing.write_json_atomic(os.path.join(self.model_dir, checkpointing.CONFIG_FILE),
-                                      config_lib.to_dict(cfg))
-      self.writer = tf.summary.create_file_writer(os.path.join(self.model_dir, "train"))
-    else:
-      self.scratch_dir = os.path.join(self.model_dir, f".scratch-{distribute.task_name(strategy)}")
-      self.writer = tf.summary.create_noop_writer()
     self.evaluator = self._build_evaluator()
     self.monitor = self._build_evaluator(cfg.eval.monitor_examples)
     self.train_loop = make_train_loop(self.state.model, strategy)
     self.stop_signal: int | None = None
+    kept_metrics = self._kept_metrics(self.step // self.plan.steps_per_epoch) if self.chief else []
+    self.scratch_dir, self.writer = None, tf.summary.create_noop_writer()
+    self._accept(flags_text, kept_metrics)
+
+  def _accept(self, flags_text: str | None, kept_metrics: list[str]) -> None:
+    """The first writes of an accepted start. The chief writes flags.txt (when given the flags: train.py does),
+    config.json and run.json, each whole and describing this start, keeps the metrics.jsonl lines of the completed
+    epochs, removes the temporary files of checkpoint writes that a kill cut short, and opens the TensorBoard
+    writer; other workers only pick their scratch dir.
+
+    Raises:
+      OSError: `--model_dir: cannot write PATH (reason)`, PATH the file or directory that failed.
+    """
+    if not self.chief:
+      self.scratch_dir = os.path.join(self.model_dir, f".scratch-{distribute.task_name(self.strategy)}")
+      return
+    with _writing(self.model_dir, "create"):
+      os.makedirs(self.model_dir, exist_ok=True)
+    if flags_text is not None:
+      path = os.path.join(self.model_dir, checkpointing.FLAGS_FILE)
+      with _writing(path):
+        checkpointing.write_text_atomic(path, flags_text)
+    path = os.path.join(self.model_dir, checkpointing.CONFIG_FILE)
+    with _writing(path):
+      checkpointing.write_json_atomic(path, config_lib.to_dict(self.cfg))
+    path = os.path.join(self.model_dir, checkpointing.RUN_FILE)
+    with _writing(path):
+      checkpointing.save_run_identity(self.model_dir, self.identity)
+    path = os.path.join(self.model_dir, METRICS_FILE)
+    if os.path.exists(path):
+      with _writing(path):
+        checkpointing.write_text_atomic(path, "".join(kept_metrics))
+      if kept_metrics:
+        self.clock.carry_over(json.loads(kept_metrics[-1]))
+    for temp in tf.io.gfile.glob(os.path.join(self.manager.directory, "ckpt-*_temp")):
+      # A checkpoint write that a kill cut short (TensorFlow writes under this name, then renames): dead data.
+      shutil.rmtree(temp, ignore_errors=True)
+    path = os.path.join(self.model_dir, "train")
+    with _writing(path):
+      self.writer = tf.summary.create_file_writer(path)
 
   def _clean_train_features(self) -> np.ndarray:
     """float32 [N, D]: the train split, un-augmented, through the current network."""
@@ -216,21 +279,36 @@ class _Run:
     logging.info("memory bank initialised from the untrained network's features (%s)",
                  results_lib.format_seconds(time.time() - start))
 
-  def _truncate_metrics(self, completed_epochs: int) -> None:
-    """Drops metrics.jsonl lines of epochs after the restored checkpoint: they will be trained, and logged, again.
+  def _kept_metrics(self, completed_epochs: int) -> list[str]:
+    """The metrics.jsonl lines to keep on this start: those of the epochs the restored checkpoint completed. Lines of
+    later epochs go (they will be trained, and logged, again), and so does a last line that a kill cut short.
 
-    The last kept line's time accounts carry over into this process's clock.
+    Every epoch's line is written before the checkpoint that completes it (`train`), so each completed epoch has its
+    line. `_accept` writes the kept lines back; the last one's time accounts carry over into this process's clock.
+
+    Raises:
+      ValueError: naming metrics.jsonl and the line, when a line before the last is not a JSON record.
     """
     path = os.path.join(self.model_dir, METRICS_FILE)
     if not os.path.exists(path):
-      return
-    with open(path) as f:
-      lines = [line for line in f if line.strip() and json.loads(line)["epoch"] <= completed_epochs]
-    with open(f"{path}.tmp", "w") as f:
-      f.writelines(lines)
-    os.replace(f"{path}.tmp", path)
-    if lines:
-      self.clock.carry_over(json.loads(lines[-1]))
+      return []
+    try:
+      with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    except OSError as e:
+      raise OSError(f"--model_dir: cannot read {path} ({_reason(e)})") from e
+    kept = []
+    for number, line in enumerate(lines, 1):
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        if number == len(lines):  # A kill in the middle of the last append.
+          break
+        raise ValueError(f"{path} line {number} is not a JSON record ({e}); move the file away or use a new "
+                         "--model_dir") from e
+      if record["epoch"] <= completed_epochs:
+        kept.append(line if line.endswith("\n") else line + "\n")
+    return kept
 
   def _build_evaluator(self, max_examples: int = 0) -> knn.KnnEvaluator | None:
     """kNN of the eval split (its first max_examples images when > 0: the monitor's fixed subset)."""
@@ -238,10 +316,12 @@ class _Run:
       if not max_examples:
         logging.info("no labelled eval split: kNN evaluation is off")
       return None
-    eval_ds = data_lib.make_eval_dataset(data_lib.take_first(self.source.eval, max_examples), self.cfg.augment,
-                                         image_size=self.plan.input_shape[0], batch_size=self.cfg.eval.eval_batch_size)
+    eval_split = data_lib.take_first(self.source.eval, max_examples)
+    eval_ds = data_lib.make_eval_dataset(eval_split, self.cfg.augment, image_size=self.plan.input_shape[0],
+                                         batch_size=self.cfg.eval.eval_batch_size)
     return knn.KnnEvaluator(eval_ds, data_lib.load_labels(self.source.train), k=self.cfg.eval.knn_k,
-                            temperature=self.cfg.eval.knn_temperature, num_classes=self.source.num_classes)
+                            temperature=self.cfg.eval.knn_temperature, num_classes=self.source.num_classes,
+                            split=eval_split)  # The split names an undecodable eval image.
 
   def _train_epoch(self, epoch: int) -> dict[str, float]:
     spe, end = self.plan.steps_per_epoch, (epoch + 1) * self.plan.steps_per_epoch
@@ -291,11 +371,8 @@ class _Run:
   def _run_loop(self, iterator, num_steps: int) -> dict[str, tf.Tensor]:
     try:
       return self.train_loop(iterator, tf.constant(num_steps))
-    except tf.errors.InvalidArgumentError as e:
-      bad = data_lib.find_undecodable(self.source.train.files, channels=self.source.image_shape[2])
-      if bad is not None:
-        raise ValueError(f"--data_dir: cannot decode image {bad}") from e
-      raise
+    except data_lib.DECODE_ERRORS as e:  # A file that cannot be read or decoded is named; else e is re-raised.
+      data_lib.name_undecodable(self.source.train, e)
 
   def _save(self) -> str:
     """Saves a checkpoint of the current step. TensorFlow writes it under a temporary name and only then updates
@@ -331,7 +408,8 @@ class _Run:
     record = {"epoch": epoch + 1, "step": self.step, "lr": self._lr(), "knn_top1": None, "knn_top5": None, **values,
               "time": self.clock.summary()}
     if self.chief:
-      with open(os.path.join(self.model_dir, METRICS_FILE), "a") as f:
+      path = os.path.join(self.model_dir, METRICS_FILE)
+      with _writing(path), open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
     with self.writer.as_default(step=self.step):
       for name in ("loss", "lr", "normalizer", "positive_similarity", "images_per_sec", "knn_top1", "knn_top5"):
@@ -352,11 +430,13 @@ class _Run:
           (epoch + 1) % cfg.eval.eval_every_epochs == 0 or last):
         with self.clock.measure("monitor"):
           values.update(self._evaluate(self.state.bank.as_float32(), self.monitor))
+      # The record goes first: a kill after the checkpoint has it on disk already; a kill before the checkpoint
+      # leaves a line of an epoch the resume trains again, and `_kept_metrics` drops it.
+      self._record(epoch, values)
+      self.writer.flush()
       if (epoch + 1) % cfg.train.checkpoint_every_epochs == 0 or last:
         with self.clock.measure("checkpoint"):
           self._save()
-      self._record(epoch, values)
-      self.writer.flush()
 
   def final_evaluation(self) -> dict[str, Any]:
     """kNN of the eval split against clean recomputed train features (the real number, DESIGN.md)."""
@@ -423,25 +503,28 @@ def _peer_loss_raises_worker_lost(current: _Run) -> Iterator[None]:
 
 
 def run(cfg: config_lib.Config, strategy: tf.distribute.Strategy,
-        source: data_lib.DataSource | None = None) -> dict[str, Any]:
+        source: data_lib.DataSource | None = None, *, flags_text: str | None = None) -> dict[str, Any]:
   """Trains (resuming from cfg.train.model_dir when it holds a checkpoint), then runs the final kNN evaluation.
 
   Args:
     cfg: a validated config.
     strategy: from distribute.make_strategy.
     source: the data; by default `data.load_source(cfg.data)` (tests and notebooks pass in-memory arrays).
+    flags_text: the command's flags (train.py passes FLAGS.flags_into_string()), written to the model dir's
+      flags.txt once the start is accepted; None leaves flags.txt as it is.
 
   Returns:
     The final evaluation results ({} when there is no labelled eval split or final_eval is off).
 
   Raises:
-    ValueError: bad configuration or data, naming the flag or file; FloatingPointError on a non-finite loss;
+    ValueError: bad configuration or data, naming the flag or file (a refused start leaves the model dir as it
+    was); OSError naming the path when the model dir cannot be written; FloatingPointError on a non-finite loss;
     TrainingStopped on SIGTERM, after saving a checkpoint of the step it stopped at; WorkerLost when a peer of a
     multi-worker run died.
   """
   started_at = time.time()
   config_lib.validate(cfg)
-  current = _Run(cfg, strategy, source, started_at=started_at)
+  current = _Run(cfg, strategy, source, started_at=started_at, flags_text=flags_text)
   with _peer_loss_raises_worker_lost(current), _stop_on_sigterm(current):
     current.train()
     return current.final_evaluation()
