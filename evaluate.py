@@ -106,6 +106,9 @@ def main(argv: list[str]) -> int:
   except ValueError as e:
     print(f"evaluate.py: {e}", file=sys.stderr)
     return 2
+  except OSError as e:  # A full disk, permissions, an --output_dir that is a file.
+    print(f"evaluate.py: {e}", file=sys.stderr)
+    return 2
   for protocol, result in results.items():
     print(f"{protocol}: {evaluation.summary(result)}")
   return 0

@@ -74,6 +74,9 @@ def main(argv: list[str]) -> None:
   except ValueError as e:
     print(f"export.py: {e}", file=sys.stderr)
     sys.exit(1)
+  except OSError as e:  # A full disk, permissions, a path that is a file: nothing is left half-written.
+    print(f"export.py: cannot write the export: {e}", file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

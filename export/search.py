@@ -33,7 +33,7 @@ def main(argv: list[str]) -> None:
 
   try:
     lines = search.search_files(_EXPORT_DIR.value, _IMAGES.value, k=_K.value, grid=_GRID.value, exact=_EXACT.value)
-  except ValueError as e:
+  except (ValueError, OSError) as e:  # OSError: e.g. a --grid path whose folder is a file.
     print(f"search.py: {e}", file=sys.stderr)
     sys.exit(1)
   print("\n".join(lines))

@@ -301,6 +301,23 @@ class ArtifactTest(tf.test.TestCase):
     self.assertEqual(os.listdir(os.path.join(export_dir, "saved_model")), ["99"])
     self.assertEmpty(glob.glob(f"{export_dir}.*"))
 
+  def test_an_export_dir_under_a_file_is_one_line_naming_it(self):
+    blocker = os.path.join(self.create_tempdir().full_path, "a_file")
+    with open(blocker, "w") as f:
+      f.write("not a directory")
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    result = subprocess.run([sys.executable, os.path.join(testing.REPO_ROOT, "export", "export.py"),
+                             f"--model_dir={self.model_dir}", f"--export_dir={blocker}/export", "--index=none",
+                             "--nobackbone"], cwd=testing.REPO_ROOT, env=env, capture_output=True, text=True,
+                            timeout=300, check=False)
+    self.assertEqual(result.returncode, 1, result.stderr[-3000:])
+    self.assertNotIn("Traceback", result.stderr)
+    last = result.stderr.strip().splitlines()[-1]
+    self.assertStartsWith(last, "export.py: ")
+    self.assertIn(blocker, last)
+    with open(blocker) as f:
+      self.assertEqual(f.read(), "not a directory")
+
   def test_interrupted_export_leaves_no_artifact(self):
     export_dir = os.path.join(self.create_tempdir().full_path, "e")
     with mock.patch.object(index_lib, "save_searcher", side_effect=KeyboardInterrupt):
