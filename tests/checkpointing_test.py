@@ -70,16 +70,6 @@ class RoundTripTest(tf.test.TestCase):
       checkpointing.restore_or_initialize(other)
 
 
-def _digest(directory):
-  """{relative path: bytes} of every file under directory."""
-  files = {}
-  for root, _, names in os.walk(directory):
-    for name in names:
-      with open(os.path.join(root, name), "rb") as f:
-        files[os.path.relpath(os.path.join(root, name), directory)] = f.read()
-  return files
-
-
 class ModelOnlyRestoreTest(tf.test.TestCase):
   """restore_model and read_config: what export and evaluation use to reopen a finished run."""
 
@@ -102,7 +92,7 @@ class ModelOnlyRestoreTest(tf.test.TestCase):
     legacy.bank = tf.Variable(tf.zeros([64, 16]))
     tf.train.CheckpointManager(tf.train.Checkpoint(bank=legacy), os.path.join(model_dir, "checkpoints"),
                                max_to_keep=1).save(checkpoint_number=4)
-    before = _digest(model_dir)
+    before = testing.digest(model_dir)
     state = _state(testing.tiny_config(model_dir))
     for attempt in (lambda: checkpointing.restore_model(state.model, model_dir),
                     lambda: checkpointing.restore_or_initialize(
@@ -110,7 +100,7 @@ class ModelOnlyRestoreTest(tf.test.TestCase):
                     lambda: checkpointing.check_resume(model_dir, {"num_instances": 64, "embedding_dim": 16})):
       with self.assertRaisesRegex(ValueError, r"ckpt-4 was written by tf_instdisc 0\.1.*new --model_dir"):
         attempt()
-    self.assertEqual(_digest(model_dir), before)
+    self.assertEqual(testing.digest(model_dir), before)
 
   def test_no_checkpoint_names_model_dir(self):
     model = _state(testing.tiny_config()).model

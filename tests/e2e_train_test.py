@@ -65,24 +65,6 @@ def _untrained_knn(model_dir: str) -> dict[str, float]:
   return dict(evaluator.run(model, tf.constant(keys)))
 
 
-def _digest(directory: str) -> dict[str, bytes | None]:
-  """{relative path: bytes} of every file under directory, and {relative path: None} of every directory."""
-  entries = {}
-  for root, dirs, names in os.walk(directory):
-    for name in dirs:
-      entries[os.path.relpath(os.path.join(root, name), directory) + os.sep] = None
-    for name in names:
-      with open(os.path.join(root, name), "rb") as f:
-        entries[os.path.relpath(os.path.join(root, name), directory)] = f.read()
-  return entries
-
-
-def _checkpoint_values(model_dir: str) -> dict[str, object]:
-  """Every variable of the latest checkpoint in model_dir but the save counter (it counts saves, not steps)."""
-  reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints")))
-  return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map() if "save_counter" not in name}
-
-
 def _checkpoint_files(model_dir: str) -> dict[str, float]:
   directory = os.path.join(model_dir, "checkpoints")
   return {name: os.path.getmtime(os.path.join(directory, name)) for name in sorted(os.listdir(directory))}
@@ -226,7 +208,7 @@ class FaultsTest(absltest.TestCase):
     self.assertEqual(flags_text.count(f"--model_dir={model_dir}\n"), 1)
     self.assertIn("--epochs=2\n", flags_text)
     self.assertNotIn("--epochs=1\n", flags_text)
-    before = _digest(model_dir)
+    before = testing.digest(model_dir)
     self.assertNotEmpty([name for name in before if name.startswith("train/events.out.tfevents")])
     for flag, message in (
         ("--dataset=no_such_dataset_xyz", "train.py: --dataset: unknown dataset 'no_such_dataset_xyz' ("),
@@ -239,7 +221,7 @@ class FaultsTest(absltest.TestCase):
         self.assertEqual(result.returncode, 1, result.stderr[-3000:])
         self.assertNotEmpty([line for line in result.stderr.splitlines() if line.startswith(message)],
                             result.stderr[-3000:])
-        self.assertEqual(_digest(model_dir), before)
+        self.assertEqual(testing.digest(model_dir), before)
 
   def test_model_dir_that_is_a_regular_file(self):
     path = self.create_tempfile(content="mine").full_path
@@ -328,7 +310,7 @@ class FaultsTest(absltest.TestCase):
       self.assertEqual([r[name] for r in records], [r[name] for r in expected_records], f"{name}, {context}")
     walls = [r["time"]["wall_seconds"] for r in records]
     self.assertEqual(walls, sorted(walls), context)
-    expected, actual = _checkpoint_values(straight), _checkpoint_values(killed)
+    expected, actual = testing.checkpoint_values(straight), testing.checkpoint_values(killed)
     self.assertEqual(sorted(actual), sorted(expected), context)
     for name, value in expected.items():
       np.testing.assert_array_equal(actual[name], value, err_msg=f"{name}; {context}")

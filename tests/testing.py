@@ -87,3 +87,24 @@ def has_fashion_mnist() -> bool:
 
 def python() -> str:
   return sys.executable
+
+
+def digest(directory: str) -> dict[str, bytes | None]:
+  """{relative path: bytes} of every file under directory, and {relative path: None} of every directory: equal
+  digests before and after a command mean it changed nothing there."""
+  entries = {}
+  for root, dirs, names in os.walk(directory):
+    for name in dirs:
+      entries[os.path.relpath(os.path.join(root, name), directory) + os.sep] = None
+    for name in names:
+      with open(os.path.join(root, name), "rb") as f:
+        entries[os.path.relpath(os.path.join(root, name), directory)] = f.read()
+  return entries
+
+
+def checkpoint_values(model_dir: str) -> dict[str, object]:
+  """Every variable of the latest checkpoint in model_dir, but the save counter (it counts saves, not steps) and the
+  object graph (it holds Python-side names such as "sgd_4", which count the optimizers built in the process)."""
+  reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints")))
+  return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
+          if "save_counter" not in name and name != "_CHECKPOINTABLE_OBJECT_GRAPH"}

@@ -475,27 +475,6 @@ class RunTest(tf.test.TestCase):
     self.assertLen(_read_metrics(model_dir), 1)
 
 
-def _digest(directory: str) -> dict[str, bytes | None]:
-  """{relative path: bytes} of every file under directory, and {relative path: None} of every directory."""
-  entries = {}
-  for root, dirs, names in os.walk(directory):
-    for name in dirs:
-      entries[os.path.relpath(os.path.join(root, name), directory) + os.sep] = None
-    for name in names:
-      with open(os.path.join(root, name), "rb") as f:
-        entries[os.path.relpath(os.path.join(root, name), directory)] = f.read()
-  return entries
-
-
-def _checkpoint_values(model_dir: str) -> dict[str, object]:
-  """Every variable of the latest checkpoint in model_dir, but the save counter (it counts saves, not steps) and the
-  object graph (it holds Python-side names such as "sgd_4", which count the optimizers built in the process)."""
-  latest = tf.train.latest_checkpoint(os.path.join(model_dir, checkpointing.CHECKPOINT_SUBDIR))
-  reader = tf.train.load_checkpoint(latest)
-  return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
-          if "save_counter" not in name and name != "_CHECKPOINTABLE_OBJECT_GRAPH"}
-
-
 class RefusedStartTest(tf.test.TestCase):
   """Everything that can refuse a start runs before the first write: a refused start leaves the model dir as it was."""
 
@@ -507,7 +486,7 @@ class RefusedStartTest(tf.test.TestCase):
     model_dir = self.create_tempdir().full_path
     train_lib.run(testing.tiny_config(model_dir, epochs=1, final_eval=False), self.strategy, self.source,
                   flags_text="--epochs=1\n")
-    before = _digest(model_dir)
+    before = testing.digest(model_dir)
     self.assertIn("flags.txt", before)
     self.assertNotEmpty([name for name in before if name.startswith("train/events.out.tfevents")])
     cases = [
@@ -525,7 +504,7 @@ class RefusedStartTest(tf.test.TestCase):
         with self.assertRaises(ValueError) as raised:
           train_lib.run(cfg, self.strategy, source, flags_text=f"--{flag}=changed\n")
         self.assertStartsWith(str(raised.exception), message)
-        self.assertEqual(_digest(model_dir), before)
+        self.assertEqual(testing.digest(model_dir), before)
 
   def test_a_refused_first_start_creates_no_model_dir(self):
     model_dir = os.path.join(self.create_tempdir().full_path, "new")
@@ -542,7 +521,7 @@ class RefusedStartTest(tf.test.TestCase):
       self.assertEqual(f.read(), f"--model_dir={model_dir}\n--epochs=2\n")
     with open(os.path.join(model_dir, checkpointing.CONFIG_FILE)) as f:
       self.assertEqual(json.load(f)["train"]["epochs"], 2)
-    self.assertEmpty([name for name in _digest(model_dir) if name.endswith(".tmp")])
+    self.assertEmpty([name for name in testing.digest(model_dir) if name.endswith(".tmp")])
     # A caller without flags (a notebook) leaves flags.txt alone.
     train_lib.run(testing.tiny_config(model_dir, epochs=2, final_eval=False), self.strategy, self.source)
     with open(os.path.join(model_dir, checkpointing.FLAGS_FILE)) as f:
@@ -618,8 +597,8 @@ class KillTest(tf.test.TestCase):
     for part in ("wall", "train"):  # The time accounts carry over every resume.
       seconds = [r["time"][f"{part}_seconds"] for r in killed_records]
       self.assertEqual(seconds, sorted(seconds), part)
-    expected = _checkpoint_values(straight)
-    actual = _checkpoint_values(killed)
+    expected = testing.checkpoint_values(straight)
+    actual = testing.checkpoint_values(killed)
     self.assertEqual(sorted(actual), sorted(expected))
     for name, value in expected.items():
       self.assertAllEqual(actual[name], value, msg=name)

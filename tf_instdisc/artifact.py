@@ -36,7 +36,7 @@ import os
 import platform
 import shutil
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import keras
 import numpy as np
@@ -203,6 +203,23 @@ def _versions() -> dict[str, str | None]:
   return versions
 
 
+def _check_export_arguments(export_dir: str, *, overwrite: bool, index: str, recall_target: float,
+                            tune_seconds: float, flag: Callable[[str], str]) -> tuple[str, float, float]:
+  """(absolute export_dir, recall_target, tune_seconds), or ValueError naming the flag (`flag("index")` is
+  "--index" for export/export.py, "index" for export_model's arguments)."""
+  export_dir = os.path.abspath(export_dir)
+  overwrite_text = "--overwrite" if flag("x").startswith("--") else "overwrite=True"
+  if os.path.exists(export_dir) and not overwrite:
+    raise ValueError(f"{flag('export_dir')}: {export_dir} already exists; pass {overwrite_text} to replace it")
+  if index not in ("scann", "none"):
+    raise ValueError(f"{flag('index')}: got {index!r}, expected scann or none")
+  if index == "scann" and not index_lib.scann_available():
+    raise ValueError(f"{flag('index')}=scann needs the scann package (pip install scann==1.4.2); or pass "
+                     f"{flag('index')}=none")
+  return (export_dir, index_lib.check_recall_target(recall_target, flag("recall_target")),
+          _check_tune_seconds(tune_seconds, flag("tune_seconds")))
+
+
 def write_export(model_dir: str, export_dir: str, *, overwrite: bool = False, version: int | None = None,
                  index: str = "scann", knn_k: int | None = None, knn_temperature: float | None = None,
                  collection_examples: int | None = None, batch_size: int = 256, recall_queries: int = 1000,
@@ -221,15 +238,9 @@ def write_export(model_dir: str, export_dir: str, *, overwrite: bool = False, ve
     ValueError: naming the flag or file (the model dir, its config or checkpoint, the export dir, the data).
   """
   start = time.time()
-  export_dir = os.path.abspath(export_dir)
-  if os.path.exists(export_dir) and not overwrite:
-    raise ValueError(f"--export_dir: {export_dir} already exists; pass --overwrite to replace it")
-  if index not in ("scann", "none"):
-    raise ValueError(f"--index: got {index!r}, expected scann or none")
-  if index == "scann" and not index_lib.scann_available():
-    raise ValueError("--index=scann needs the scann package (pip install scann==1.4.2); or pass --index=none")
-  recall_target = index_lib.check_recall_target(recall_target, "--recall_target")
-  tune_seconds = _check_tune_seconds(tune_seconds, "--tune_seconds")
+  export_dir, recall_target, tune_seconds = _check_export_arguments(
+      export_dir, overwrite=overwrite, index=index, recall_target=recall_target, tune_seconds=tune_seconds,
+      flag=lambda name: f"--{name}")
   run = features.load_run(model_dir)
   cfg, model, checkpoint, step = run.cfg, run.model, run.checkpoint, run.step
   data_cfg = cfg.data
@@ -362,15 +373,9 @@ def export_model(model: keras.Model, images: np.ndarray, export_dir: str, *, lab
     ValueError: naming the argument (images, labels, index, export_dir, recall_target, tune_seconds).
   """
   start = time.time()
-  export_dir = os.path.abspath(export_dir)
-  if os.path.exists(export_dir) and not overwrite:
-    raise ValueError(f"export_dir: {export_dir} already exists; pass overwrite=True to replace it")
-  if index not in ("scann", "none"):
-    raise ValueError(f"index: got {index!r}, expected scann or none")
-  if index == "scann" and not index_lib.scann_available():
-    raise ValueError("index='scann' needs the scann package (pip install scann==1.4.2); or pass index='none'")
-  recall_target = index_lib.check_recall_target(recall_target, "recall_target")
-  tune_seconds = _check_tune_seconds(tune_seconds, "tune_seconds")
+  export_dir, recall_target, tune_seconds = _check_export_arguments(
+      export_dir, overwrite=overwrite, index=index, recall_target=recall_target, tune_seconds=tune_seconds,
+      flag=lambda name: name)
   images = np.asarray(images)
   if images.ndim != 4 or images.shape[1] != images.shape[2] or len(images) == 0:
     raise ValueError(f"images: expected square images [N, S, S, C], got shape {images.shape}")
