@@ -18,18 +18,19 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tf_instdisc import data as data_lib
 from tf_instdisc import knn
 
 
 def _embed_labelled(model: keras.Model, dataset: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
   """Embeddings float32 [M, D] and labels [M] of a dataset of (images, labels) or {"image", "label"} batches."""
-  embed = tf.function(lambda images: model(images, training=False), reduce_retracing=True)
-  features, labels = [], []
-  for batch in dataset:
-    images, batch_labels = (batch["image"], batch["label"]) if isinstance(batch, dict) else batch[:2]
-    features.append(np.asarray(embed(images), np.float32))
-    labels.append(np.asarray(batch_labels, np.int64))
-  return np.concatenate(features), np.concatenate(labels)
+
+  def as_dict(*batch):
+    if len(batch) == 1 and isinstance(batch[0], dict):
+      return batch[0]
+    return {data_lib.IMAGE_KEY: batch[0], data_lib.LABEL_KEY: batch[1]}
+
+  return knn.compute_embeddings(model, dataset.map(as_dict))
 
 
 class KnnMonitor(keras.callbacks.Callback):
