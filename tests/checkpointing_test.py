@@ -165,5 +165,48 @@ class ResumeCheckTest(tf.test.TestCase):
     self.assertFalse(os.path.exists(path + ".tmp"))
 
 
+class TrimEventsTest(tf.test.TestCase):
+
+  def _write(self, directory: str, steps) -> None:
+    writer = tf.summary.create_file_writer(directory)
+    with writer.as_default():
+      for step in steps:
+        tf.summary.scalar("train/loss", float(step), step=step)
+    writer.close()
+
+  def _points(self, directory: str) -> list[tuple[int, float]]:
+    points = []
+    for path in sorted(glob.glob(os.path.join(directory, "events.out.tfevents.*"))):
+      for event in tf.compat.v1.train.summary_iterator(path):
+        points += [(event.step, float(tf.make_ndarray(v.tensor))) for v in event.summary.value]
+    return points
+
+  def test_drops_the_steps_a_resume_trains_again_and_leaves_other_files_untouched(self):
+    directory = self.get_temp_dir() + "/train"
+    self._write(directory, [10, 20, 30])
+    (path,) = glob.glob(os.path.join(directory, "events.out.tfevents.*"))
+    self.assertEqual(checkpointing.trim_events(directory, 20), 1)
+    self.assertEqual(self._points(directory), [(10, 10.0), (20, 20.0)])
+    before = os.stat(path).st_mtime_ns, testing.digest(directory)
+    self.assertEqual(checkpointing.trim_events(directory, 20), 0)  # Nothing to drop: the file is not rewritten.
+    self.assertEqual((os.stat(path).st_mtime_ns, testing.digest(directory)), before)
+    self.assertEmpty(glob.glob(os.path.join(directory, "*.tmp")))
+
+  def test_a_record_cut_short_by_a_kill_and_a_trim_cut_short_go(self):
+    directory = self.get_temp_dir() + "/cut"
+    self._write(directory, [10, 20])
+    (path,) = glob.glob(os.path.join(directory, "events.out.tfevents.*"))
+    with open(path, "ab") as f:
+      f.write(b"\x07\x00\x00")  # Half a record's length field.
+    with open(path + ".tmp", "wb") as f:
+      f.write(b"partial")
+    self.assertEqual(checkpointing.trim_events(directory, 100), 0)
+    self.assertEqual(self._points(directory), [(10, 10.0), (20, 20.0)])
+    self.assertEqual(glob.glob(os.path.join(directory, "events.out.tfevents.*")), [path])
+
+  def test_missing_directory_is_nothing_to_trim(self):
+    self.assertEqual(checkpointing.trim_events(os.path.join(self.get_temp_dir(), "none"), 0), 0)
+
+
 if __name__ == "__main__":
   tf.test.main()

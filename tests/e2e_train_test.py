@@ -48,6 +48,16 @@ def _metrics(model_dir: str) -> list[dict]:
     return [json.loads(line) for line in f]
 
 
+def _summary_points(model_dir: str) -> list[tuple[str, int, float]]:
+  """Every (tag, step, value) the run's TensorBoard files under train/ hold, in order of tag and step."""
+  points = []
+  for path in tf.io.gfile.glob(os.path.join(model_dir, "train", "events.out.tfevents.*")):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        points.append((value.tag, event.step, float(tf.make_ndarray(value.tensor))))
+  return sorted(points)
+
+
 def _untrained_knn(model_dir: str) -> dict[str, float]:
   """kNN top-1/top-5 of the run's network before training: same seed, same data, same protocol."""
   with open(os.path.join(model_dir, "config.json")) as f:
@@ -256,9 +266,11 @@ class FaultsTest(absltest.TestCase):
   def test_sigkills_at_random_moments_lose_no_epoch_and_change_no_result(self):
     args = [testing.python(), TRAIN, f"--flagfile={SMOKE}", *TINY, "--epochs=4"]
     straight, killed = self.create_tempdir().full_path, self.create_tempdir().full_path
+    began = time.time()
     result = subprocess.run([*args, f"--model_dir={straight}"], cwd=testing.REPO_ROOT, capture_output=True,
                             text=True, timeout=300)
     self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    duration = time.time() - began  # Random kills land within an uninterrupted run's length.
     seed = random.SystemRandom().randrange(2**31)
     rng, checkpoints, kills = random.Random(seed), os.path.join(killed, "checkpoints"), []
 
@@ -272,7 +284,7 @@ class FaultsTest(absltest.TestCase):
         process = subprocess.Popen([*args, f"--model_dir={killed}"], cwd=testing.REPO_ROOT,
                                    stdout=subprocess.DEVNULL, stderr=stderr)
         start = time.time()
-        at = start + rng.uniform(3.0, 15.0)
+        at = start + rng.uniform(3.0, max(duration, 4.0))
         while process.poll() is None and time.time() < start + 240:
           if moment == "random" and time.time() >= at:
             break
@@ -290,14 +302,15 @@ class FaultsTest(absltest.TestCase):
       kills.append(f"{moment} after {time.time() - start:.2f} s, left {left}")
       return left
 
-    # A random moment (start-up, training, evaluation or a save), right after an epoch's record (its checkpoint
-    # comes next), and in the middle of a checkpoint write (TensorFlow writes under a temporary name, then renames;
-    # tried again when the write ended between our look and the kill).
-    start_and_kill("random")
-    start_and_kill("epoch_done")
+    # In the middle of a checkpoint write (TensorFlow writes under a temporary name, then renames; tried again when
+    # the write ended between our look and the kill), right after an epoch's record (its checkpoint comes next), and
+    # at two random moments (start-up, training, evaluation or a save). The targeted kills come first: a random kill
+    # late in the run leaves too little of it for them (a restart that finds the run complete just ends).
     for _ in range(3):
       if start_and_kill("checkpoint_write"):
         break
+    start_and_kill("epoch_done")
+    start_and_kill("random")
     start_and_kill("random")
     self.assertTrue(any("checkpoint_write" in kill and "_temp" in kill for kill in kills), f"seed {seed}: {kills}")
     resumed = subprocess.run([*args, f"--model_dir={killed}"], cwd=testing.REPO_ROOT, capture_output=True, text=True,
@@ -308,6 +321,11 @@ class FaultsTest(absltest.TestCase):
     self.assertEqual([r["epoch"] for r in records], [1, 2, 3, 4], context)
     for name in ("step", "loss", "lr", "knn_top1", "knn_top5"):
       self.assertEqual([r[name] for r in records], [r[name] for r in expected_records], f"{name}, {context}")
+    # TensorBoard holds each epoch's points once, the same as the uninterrupted run's (speeds aside).
+    points, expected_points = _summary_points(killed), _summary_points(straight)
+    self.assertEqual([p[:2] for p in points], [p[:2] for p in expected_points], context)
+    self.assertEqual([p for p in points if p[0] == "train/loss"], [p for p in expected_points if p[0] == "train/loss"],
+                     context)
     walls = [r["time"]["wall_seconds"] for r in records]
     self.assertEqual(walls, sorted(walls), context)
     expected, actual = testing.checkpoint_values(straight), testing.checkpoint_values(killed)

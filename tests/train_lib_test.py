@@ -506,6 +506,18 @@ class RefusedStartTest(tf.test.TestCase):
         self.assertStartsWith(str(raised.exception), message)
         self.assertEqual(testing.digest(model_dir), before)
 
+  def test_blur_on_images_smaller_than_its_padding_is_refused_naming_the_smallest_size(self):
+    model_dir = os.path.join(self.create_tempdir().full_path, "new")
+    with self.assertRaises(ValueError) as raised:
+      train_lib.run(testing.tiny_config(model_dir, image_size=1, blur_prob=0.5), self.strategy, self.source)
+    self.assertEqual(str(raised.exception), "--blur_prob: the 5x5 blur needs images of at least 2x2 px, this run's "
+                     "are 1x1 (--image_size)")
+    self.assertFalse(os.path.exists(model_dir))
+    # The smallest size it names trains.
+    train_lib.run(testing.tiny_config(model_dir, image_size=2, blur_prob=1.0, epochs=1, final_eval=False),
+                  self.strategy, self.source)
+    self.assertTrue(os.path.exists(os.path.join(model_dir, "metrics.jsonl")))
+
   def test_a_refused_first_start_creates_no_model_dir(self):
     model_dir = os.path.join(self.create_tempdir().full_path, "new")
     with self.assertRaisesRegex(ValueError, "^--num_negatives"):

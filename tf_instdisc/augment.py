@@ -80,7 +80,10 @@ def random_flip(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
   return tf.image.stateless_random_flip_left_right(image, seed)
 
 
-def gaussian_blur(image: tf.Tensor, seed: tf.Tensor, *, prob: float, window: int = 5,
+BLUR_WINDOW = 5  # The blur's kernel side; its padding needs images of at least BLUR_WINDOW // 2 px a side.
+
+
+def gaussian_blur(image: tf.Tensor, seed: tf.Tensor, *, prob: float, window: int = BLUR_WINDOW,
                   sigma_range: tuple[float, float] = (0.1, 2.0)) -> tf.Tensor:
   """With probability `prob`, blurs with a Gaussian of sigma drawn from sigma_range (in pixels), window x window.
 

@@ -187,3 +187,36 @@ def write_text_atomic(path: str, text: str) -> None:
     with contextlib.suppress(OSError):
       os.remove(tmp)
     raise
+
+
+def trim_events(directory: str, max_step: int) -> int:
+  """Drops the TensorBoard events after `max_step` from the event files in `directory`; the number dropped.
+
+  A resume trains the steps after its checkpoint again and writes their summaries again: without this, TensorBoard
+  would show two points for each (the killed run's and the resumed run's). Each file that loses events is rewritten
+  under a temporary name and renamed over itself, so a kill during the trim leaves every file whole (old or new).
+  A record that a kill cut short at a file's end goes too.
+  """
+  dropped = 0
+  for path in sorted(tf.io.gfile.glob(os.path.join(directory, "events.out.tfevents.*"))):
+    if path.endswith(".tmp"):
+      os.remove(path)  # A trim that a kill cut short; the file it was replacing is still whole.
+      continue
+    kept, changed = [], False
+    try:
+      for record in tf.data.TFRecordDataset(path).as_numpy_iterator():
+        event = tf.compat.v1.Event.FromString(record)
+        if event.step > max_step and not event.HasField("file_version"):
+          changed, dropped = True, dropped + 1
+        else:
+          kept.append(record)
+    except tf.errors.DataLossError:
+      changed = True
+    if not changed:
+      continue
+    tmp = f"{path}.tmp"
+    with tf.io.TFRecordWriter(tmp) as writer:
+      for record in kept:
+        writer.write(record)
+    os.replace(tmp, path)
+  return dropped

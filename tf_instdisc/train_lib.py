@@ -22,6 +22,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from tf_instdisc import augment
 from tf_instdisc import checkpointing
 from tf_instdisc import config as config_lib
 from tf_instdisc import data as data_lib
@@ -111,6 +112,10 @@ def plan_run(cfg: config_lib.Config, source: data_lib.DataSource) -> RunPlan:
   num_instances = source.train.num_examples
   config_lib.validate_against_data(cfg, num_instances=num_instances)
   size = data_lib.resolve_image_size(source, cfg.data.image_size)
+  smallest = augment.BLUR_WINDOW // 2
+  if cfg.augment.blur_prob and size < smallest:
+    raise ValueError(f"--blur_prob: the {augment.BLUR_WINDOW}x{augment.BLUR_WINDOW} blur needs images of at least "
+                     f"{smallest}x{smallest} px, this run's are {size}x{size} (--image_size)")
   return RunPlan(num_instances=num_instances, input_shape=(size, size, source.image_shape[2]),
                  steps_per_epoch=num_instances // cfg.train.batch_size, global_batch_size=cfg.train.batch_size)
 
@@ -234,8 +239,8 @@ class _Run:
   def _accept(self, flags_text: str | None, kept_metrics: list[str]) -> None:
     """The first writes of an accepted start. The chief writes flags.txt (when given the flags: train.py does),
     config.json and run.json, each whole and describing this start, keeps the metrics.jsonl lines of the completed
-    epochs, removes the temporary files of checkpoint writes that a kill cut short, and opens the TensorBoard
-    writer; other workers only pick their scratch dir.
+    epochs, removes the temporary files of checkpoint writes that a kill cut short, drops the TensorBoard events of
+    the steps it trains again, and opens the TensorBoard writer; other workers only pick their scratch dir.
 
     Raises:
       OSError: `--model_dir: cannot write PATH (reason)`, PATH the file or directory that failed.
@@ -266,6 +271,9 @@ class _Run:
       shutil.rmtree(temp, ignore_errors=True)
     path = os.path.join(self.model_dir, "train")
     with _writing(path):
+      if dropped := checkpointing.trim_events(path, self.step):
+        logging.info("dropped %d TensorBoard events after step %d (this run trains those steps again)", dropped,
+                     self.step)
       self.writer = tf.summary.create_file_writer(path)
 
   def _clean_train_features(self) -> np.ndarray:
