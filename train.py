@@ -78,6 +78,9 @@ _HELP = {
     "model_dir": "Directory for checkpoints, config.json, metrics.jsonl and TensorBoard summaries.",
     "batch_size": "Global batch size, across all replicas.",
     "epochs": "Training epochs.",
+    "train_minutes": "If > 0: time the training step on this machine at the start and train as many epochs as fit "
+                     "in this many minutes of training steps (the same flagfile right on a slow and a fast CPU; "
+                     "config.json records the epochs, a resume keeps them); 0 = train --epochs.",
     "seed": "Seed of the bank, negatives, shuffling and augmentation: same flags, same run.",
     "steps_per_loop": "Steps per tf.function call and per progress line.",
     "checkpoint_every_epochs": "Save a checkpoint every N epochs (and at the end).",

@@ -57,6 +57,12 @@ VARIANTS = {v.name: v for v in (
     Variant("tau_0.1", "--temperature=0.1", "softmax", ("--temperature=0.1",)),
     Variant("lr_0.1_warmup", "--learning_rate=0.1 --warmup_epochs=1", "softmax",
             ("--learning_rate=0.1", "--warmup_epochs=1")),
+    Variant("no_head_bn", "--nohead_batchnorm (the paper's linear head, no batch norm)", "softmax",
+            ("--nohead_batchnorm",), "Wu et al. 2018"),
+    Variant("dim_256", "--embedding_dim=256", "softmax", ("--embedding_dim=256",)),
+    Variant("batch_128", "--batch_size=128 (twice the steps per epoch)", "softmax", ("--batch_size=128",)),
+    Variant("momentum_0", "--bank_momentum=0 (bank rows are the newest features)", "softmax", ("--bank_momentum=0",)),
+    Variant("crops_0.6", "--crop_scale_min=0.6 (milder crops alone)", "softmax", ("--crop_scale_min=0.6",)),
     Variant("bfloat16", "--mixed_precision=bfloat16 (same epochs as paper_recipe: a precision check, not a budget)",
             "softmax", ("--mixed_precision=bfloat16",)),
 )}

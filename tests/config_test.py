@@ -82,6 +82,8 @@ class ValidateTest(tf.test.TestCase, parameterized.TestCase):
       ("zero_lr_decay_epoch", {"lr_decay_epochs": (0, 5)}, "lr_decay_epochs"),
       ("warmup_as_long_as_training", {"warmup_epochs": 2, "epochs": 2}, "warmup_epochs"),
       ("zero_epochs", {"epochs": 0}, "epochs"),
+      ("negative_train_minutes", {"train_minutes": -1.0, "lr_schedule": "cosine"}, "train_minutes"),
+      ("train_minutes_with_step_schedule", {"train_minutes": 10.0, "lr_schedule": "step"}, "train_minutes"),
       ("zero_steps_per_loop", {"steps_per_loop": 0}, "steps_per_loop"),
       ("zero_knn_k", {"knn_k": 0}, "knn_k"),
       ("zero_knn_temperature", {"knn_temperature": 0.0}, "knn_temperature"),

@@ -475,6 +475,76 @@ class RunTest(tf.test.TestCase):
     self.assertLen(_read_metrics(model_dir), 1)
 
 
+class TrainMinutesTest(tf.test.TestCase):
+  """--train_minutes: a fresh start measures its step and fixes the epochs; a resume keeps them."""
+
+  def setUp(self):
+    super().setUp()
+    self.strategy, self.source = distribute.make_strategy("one_device"), testing.tiny_source()
+
+  def _config(self, model_dir, **overrides):
+    return testing.tiny_config(model_dir, **{"train_minutes": 0.2, "lr_schedule": "cosine", "final_eval": False,
+                                             **overrides})
+
+  def test_epochs_are_the_minutes_over_the_measured_epoch_and_a_run_equals_one_given_those_epochs(self):
+    timed, given = self.create_tempdir().full_path, self.create_tempdir().full_path
+    # 4 steps per epoch (64 images, batch 16) at 0.5 s: 12 s of training fit 6 epochs.
+    with mock.patch.object(train_lib, "measure_step_seconds", return_value=0.5) as measure:
+      train_lib.run(self._config(timed, epochs=99), self.strategy, self.source)
+    measure.assert_called_once()
+    with open(os.path.join(timed, checkpointing.CONFIG_FILE)) as f:
+      recorded = json.load(f)["train"]
+    self.assertEqual((recorded["epochs"], recorded["train_minutes"]), (6, 0.2))
+    self.assertEqual([r["epoch"] for r in _read_metrics(timed)], [1, 2, 3, 4, 5, 6])
+    # The measurement's throwaway model leaves no trace: the same as a run told --epochs=6.
+    train_lib.run(testing.tiny_config(given, epochs=6, lr_schedule="cosine", final_eval=False), self.strategy,
+                  self.source)
+    expected, actual = testing.checkpoint_values(given), testing.checkpoint_values(timed)
+    self.assertEqual(sorted(actual), sorted(expected))
+    for name, value in expected.items():
+      np.testing.assert_array_equal(actual[name], value, err_msg=name)
+
+  def test_a_resume_keeps_the_epochs_and_another_budget_is_refused_changing_nothing(self):
+    model_dir = self.create_tempdir().full_path
+    with mock.patch.object(train_lib, "measure_step_seconds", return_value=0.5):
+      train_lib.run(self._config(model_dir), self.strategy, self.source)
+    with mock.patch.object(train_lib, "measure_step_seconds", side_effect=AssertionError("measured again")):
+      train_lib.run(self._config(model_dir), self.strategy, self.source)  # Complete: nothing to train, no measure.
+      self.assertLen(_read_metrics(model_dir), 6)
+      before = testing.digest(model_dir)
+      with self.assertRaises(ValueError) as raised:
+        train_lib.run(self._config(model_dir, train_minutes=0.5), self.strategy, self.source)
+    self.assertEqual(str(raised.exception), f"--train_minutes: --model_dir={model_dir} holds a run with its epochs "
+                     "fixed at 6 by --train_minutes=0.2; this start has --train_minutes=0.5. Resume with "
+                     "--train_minutes=0.2, or pass --train_minutes=0 --epochs=N to set the epochs yourself.")
+    self.assertEqual(testing.digest(model_dir), before)
+
+  def test_a_run_of_given_epochs_is_not_resumed_under_a_budget(self):
+    model_dir = self.create_tempdir().full_path
+    train_lib.run(testing.tiny_config(model_dir, epochs=1, lr_schedule="cosine", final_eval=False), self.strategy,
+                  self.source)
+    before = testing.digest(model_dir)
+    with self.assertRaisesRegex(ValueError, "holds a run with --epochs=1 and no --train_minutes; this start has "
+                                "--train_minutes=0.2. Resume with --train_minutes=0, or pass"):
+      train_lib.run(self._config(model_dir), self.strategy, self.source)
+    self.assertEqual(testing.digest(model_dir), before)
+
+  def test_a_budget_within_the_warmup_is_refused(self):
+    model_dir = os.path.join(self.create_tempdir().full_path, "new")
+    with mock.patch.object(train_lib, "measure_step_seconds", return_value=10.0):  # 0.2 min: 1 epoch.
+      with self.assertRaises(ValueError) as raised:
+        train_lib.run(self._config(model_dir, warmup_epochs=1), self.strategy, self.source)
+    self.assertEqual(str(raised.exception), "--train_minutes: 0.2 minutes fit 1 epoch(s) on this machine, not more "
+                     "than --warmup_epochs=1; give more minutes or fewer warm-up epochs")
+    self.assertFalse(os.path.exists(model_dir))
+
+  def test_the_measurement_times_real_steps(self):
+    cfg = self._config("/tmp/unused")
+    seconds = train_lib.measure_step_seconds(cfg, self.strategy, self.source,
+                                             train_lib.plan_run(cfg, self.source), steps=3)
+    self.assertBetween(seconds, 1e-5, 30.0)
+
+
 class RefusedStartTest(tf.test.TestCase):
   """Everything that can refuse a start runs before the first write: a refused start leaves the model dir as it was."""
 

@@ -123,6 +123,9 @@ class TrainConfig:
   model_dir: str = ""
   batch_size: int = 256  # Global batch, across all replicas.
   epochs: int = 200
+  # > 0: a fresh start measures its training step on this machine and sets `epochs` so that the training steps take
+  # about this many minutes (config.json records the epochs chosen; a resume keeps them). 0: `epochs` as given.
+  train_minutes: float = 0.0
   seed: int = 0
   steps_per_loop: int = 50
   checkpoint_every_epochs: int = 1
@@ -214,6 +217,9 @@ def validate(cfg: Config) -> Config:
          "lr_decay_epochs", "must be increasing positive epochs")
   _check(0.0 < o.lr_decay_factor <= 1.0, "lr_decay_factor", "must be in (0, 1]")
   _check(t.epochs > 0, "epochs", "must be > 0")
+  _check(t.train_minutes >= 0.0, "train_minutes", "must be >= 0 (0 = train --epochs)")
+  _check(not t.train_minutes or o.lr_schedule == "cosine", "train_minutes",
+         "sets the epochs at the start, so it needs --lr_schedule=cosine (the step schedule decays at fixed epochs)")
   _check(0 <= o.warmup_epochs < t.epochs, "warmup_epochs", "must be in [0, epochs)")
   _check(0.0 <= o.momentum < 1.0, "momentum", "must be in [0, 1)")
   _check(o.weight_decay >= 0.0, "weight_decay", "must be >= 0")

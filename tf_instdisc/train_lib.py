@@ -120,6 +120,92 @@ def plan_run(cfg: config_lib.Config, source: data_lib.DataSource) -> RunPlan:
                  steps_per_epoch=num_instances // cfg.train.batch_size, global_batch_size=cfg.train.batch_size)
 
 
+def distribute_dataset(strategy: tf.distribute.Strategy, dataset: tf.data.Dataset) -> tf.data.Dataset:
+  """The dataset as the strategy's replicas take it; a single replica reads the dataset itself.
+
+  A distributed dataset's iterator stalled 2-50 s when destroyed at every epoch's end on our 2-core machines
+  (gdb: the main thread in ~RootDataset::Iterator, waiting on a tf.data Model::OptimizeLoop thread of the
+  strategy's wrapper pipeline, even with autotune off in the dataset's options): a third of a Fashion-MNIST epoch.
+  One replica needs no splitting, so it skips the wrapper.
+  """
+  if strategy.num_replicas_in_sync == 1:
+    return dataset
+  # Every worker builds the same global batches; each keeps its replicas' share of every batch.
+  options = tf.data.Options()
+  options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+  return strategy.experimental_distribute_dataset(dataset.with_options(options))
+
+
+CALIBRATION_STEPS = 20  # Timed steps of --train_minutes' measurement (after one untimed step that traces).
+
+
+def measure_step_seconds(cfg: config_lib.Config, strategy: tf.distribute.Strategy, source: data_lib.DataSource,
+                         plan: RunPlan, *, steps: int = CALIBRATION_STEPS) -> float:
+  """Seconds per training step on this machine: the real step and input pipeline, on a throwaway model.
+
+  The model is built from cfg as a run builds it (so the same network, bank, objective and precision), trained for
+  one untimed step (tracing) and `steps` timed ones on epoch 0's batches, then dropped: the run itself starts from
+  its own freshly built state, untouched by the measurement.
+  """
+  with strategy.scope():
+    state = build_state(cfg, num_instances=plan.num_instances, input_shape=plan.input_shape,
+                        steps_per_epoch=plan.steps_per_epoch)
+  loop = make_train_loop(state.model, strategy)
+  dataset = data_lib.make_train_dataset(source, cfg.data, cfg.augment, batch_size=plan.global_batch_size,
+                                        seed=cfg.train.seed, epoch=0).repeat()
+  iterator = iter(distribute_dataset(strategy, dataset))
+  float(loop(iterator, tf.constant(1))["loss"])
+  start = time.time()
+  float(loop(iterator, tf.constant(steps))["loss"])
+  return (time.time() - start) / steps
+
+
+def _agreed_minimum(strategy: tf.distribute.Strategy, value: int) -> int:
+  """The smallest of every worker's `value` (each worker measured its own): all of them train the same epochs."""
+  if strategy.num_replicas_in_sync == 1:
+    return value
+  gathered = strategy.gather(strategy.run(lambda: tf.constant([value], tf.int64)), axis=0)
+  return int(tf.reduce_min(gathered))
+
+
+def epochs_for_budget(cfg: config_lib.Config, strategy: tf.distribute.Strategy, source: data_lib.DataSource,
+                      plan: RunPlan) -> config_lib.Config:
+  """cfg with train.epochs set by --train_minutes (cfg itself when it is 0).
+
+  A model dir with a checkpoint keeps the epochs its run's start chose (config.json): a resume never re-measures,
+  so its schedule is the one its first steps ran with. A fresh start measures (`measure_step_seconds`) and trains
+  floor(train_minutes * 60 / (seconds per step * steps per epoch)) epochs, at least 1.
+
+  Raises:
+    ValueError: naming --train_minutes when a resume asks for another budget than its run's, or the budget fits no
+      more epochs than --warmup_epochs.
+  """
+  minutes = cfg.train.train_minutes
+  if not minutes:
+    return cfg
+  model_dir = cfg.train.model_dir
+  if tf.train.latest_checkpoint(os.path.join(model_dir, checkpointing.CHECKPOINT_SUBDIR)):
+    recorded = checkpointing.read_config(model_dir).train
+    if recorded.train_minutes != minutes:
+      kind = (f"its epochs fixed at {recorded.epochs} by --train_minutes={recorded.train_minutes:g}"
+              if recorded.train_minutes else f"--epochs={recorded.epochs} and no --train_minutes")
+      raise ValueError(f"--train_minutes: --model_dir={model_dir} holds a run with {kind}; this start has "
+                       f"--train_minutes={minutes:g}. Resume with --train_minutes={recorded.train_minutes:g}, or pass "
+                       "--train_minutes=0 --epochs=N to set the epochs yourself.")
+    epochs = recorded.epochs
+    logging.info("--train_minutes=%g: %d epochs, as this run's start measured", minutes, epochs)
+  else:
+    seconds = measure_step_seconds(cfg, strategy, source, plan)
+    epochs = _agreed_minimum(strategy, max(1, math.floor(minutes * 60 / (seconds * plan.steps_per_epoch))))
+    logging.info("--train_minutes=%g: the training step takes %.3f s here (%.0f img/s, %d timed steps), an epoch "
+                 "%s: %d epochs", minutes, seconds, plan.global_batch_size / seconds, CALIBRATION_STEPS,
+                 results_lib.format_seconds(seconds * plan.steps_per_epoch), epochs)
+  if cfg.optim.warmup_epochs >= epochs:
+    raise ValueError(f"--train_minutes: {minutes:g} minutes fit {epochs} epoch(s) on this machine, not more than "
+                     f"--warmup_epochs={cfg.optim.warmup_epochs}; give more minutes or fewer warm-up epochs")
+  return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=epochs))
+
+
 TIME_PARTS = ("train", "monitor", "checkpoint", "final_eval")
 
 
@@ -217,6 +303,7 @@ class _Run:
         embedding_dim=cfg.model.embedding_dim, objective=cfg.loss.objective, image_shape=self.plan.input_shape,
         bank_dtype=cfg.bank.bank_dtype)
     checkpointing.check_resume(self.model_dir, self.identity)
+    self.cfg = cfg = epochs_for_budget(cfg, strategy, self.source, self.plan)
     with strategy.scope():
       self.state = build_state(cfg, num_instances=self.plan.num_instances, input_shape=self.plan.input_shape,
                                steps_per_epoch=self.plan.steps_per_epoch)
@@ -336,7 +423,7 @@ class _Run:
     dataset = data_lib.make_train_dataset(
         self.source, self.cfg.data, self.cfg.augment, batch_size=self.plan.global_batch_size,
         seed=self.cfg.train.seed, epoch=epoch, skip_batches=self.step - epoch * spe)
-    iterator = iter(self._distribute(dataset))
+    iterator = iter(distribute_dataset(self.strategy, dataset))
     sums, count, start = dict.fromkeys(METRIC_NAMES, 0.0), 0, time.time()
     while self.step < end:
       num_steps = min(self.cfg.train.steps_per_loop, end - self.step)
@@ -360,21 +447,6 @@ class _Run:
     seconds = time.time() - start
     means = {k: v / max(count, 1) for k, v in sums.items()}
     return {**means, "seconds": seconds, "images_per_sec": count * self.plan.global_batch_size / max(seconds, 1e-9)}
-
-  def _distribute(self, dataset: tf.data.Dataset) -> tf.data.Dataset:
-    """The dataset as the strategy's replicas take it; a single replica reads the dataset itself.
-
-    A distributed dataset's iterator stalled 2-50 s when destroyed at every epoch's end on our 2-core machines
-    (gdb: the main thread in ~RootDataset::Iterator, waiting on a tf.data Model::OptimizeLoop thread of the
-    strategy's wrapper pipeline, even with autotune off in the dataset's options): a third of a Fashion-MNIST epoch.
-    One replica needs no splitting, so it skips the wrapper.
-    """
-    if self.strategy.num_replicas_in_sync == 1:
-      return dataset
-    # Every worker builds the same global batches; each keeps its replicas' share of every batch.
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    return self.strategy.experimental_distribute_dataset(dataset.with_options(options))
 
   def _run_loop(self, iterator, num_steps: int) -> dict[str, tf.Tensor]:
     try:
