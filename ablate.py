@@ -60,7 +60,8 @@ def _train(variant: ablation.Variant, model_dir: str) -> None:
     logging.info("%s: trained already (%s)", variant.name, model_dir)
     return
   command = [sys.executable, os.path.join(_REPO, "train.py"), f"--flagfile={_BASE.value}",
-             f"--epochs={_EPOCHS.value}", *_EXTRA.value, *variant.flags, f"--model_dir={model_dir}"]
+             f"--epochs={_EPOCHS.value}", "--train_minutes=0",  # Epochs, not the flagfile's time budget.
+             *_EXTRA.value, *variant.flags, f"--model_dir={model_dir}"]
   logging.info("%s: %s", variant.name, " ".join(command))
   os.makedirs(model_dir, exist_ok=True)
   with open(os.path.join(model_dir, "train.log"), "a") as log:

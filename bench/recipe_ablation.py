@@ -4,18 +4,19 @@
   python bench/recipe_ablation.py --root=/tmp/recipe --variants=paper_recipe,two_views --output=docs/recipe_ablation
 
 Every variant is `train.py --flagfile=fashion_mnist.flags --validation_examples=5000 --monitor_examples=1000` plus
-its own flags, in ROOT/<name>; its `epochs` are set so that its training fills about --minutes on a 2-core CPU in
-float32 (the measured seconds per epoch of its kind, SECONDS_PER_EPOCH); the table shows the wall time each really
-took. Each run is then scored by `evaluate.py --protocol=knn --knn_k=10,20,50,200` on the 5,000 held-out train
-images (never the test set): embedding, pooled backbone and raw pixels. A rerun skips finished runs and
-evaluations. Writes OUTPUT.md (a table), OUTPUT.json and OUTPUT.png (the bank-kNN monitor against wall minutes).
+its own flags, in ROOT/<name>, with `--train_minutes=MINUTES`: each run times its own step on this machine and
+trains as many epochs as fit in --minutes of training steps, so every variant gets the same wall-clock budget here
+(a cheaper step buys more epochs). A variant with `same_epochs_as` (the precision check) trains instead the epochs
+that variant's run chose. The table shows the epochs and the wall time each really took. Each run is then scored
+by `evaluate.py --protocol=knn --knn_k=10,20,50,200` on the 5,000 held-out train images (never the test set):
+embedding, pooled backbone and raw pixels. A rerun skips finished runs and evaluations. Writes OUTPUT.md (a
+table), OUTPUT.json and OUTPUT.png (the bank-kNN monitor against wall minutes).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import subprocess
 import sys
@@ -29,47 +30,45 @@ sys.path.insert(0, REPO)
 from tf_instdisc import plots  # noqa: E402  (after the path: the script runs as bench/recipe_ablation.py)
 KS = (10, 20, 50, 200)
 MONITOR_EXAMPLES = 1000
-# Seconds per epoch of 55,000 images in float32 on 2 cores (AMD EPYC, measured 2026-12-01), by step kind.
-SECONDS_PER_EPOCH = {"softmax": 90.0, "nce": 62.0, "softmax_2v": 170.0, "nce_2v": 135.0}
 
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
   name: str
   lever: str  # What it changes against paper_recipe, for the table.
-  kind: str  # A SECONDS_PER_EPOCH key.
   flags: tuple[str, ...] = ()
   source: str = ""
+  same_epochs_as: str = ""  # Train the epochs this variant's run chose, not a time budget.
 
 
 TWO_VIEWS = ("--views=2",)
 VARIANTS = {v.name: v for v in (
-    Variant("paper_recipe", "fashion_mnist.flags of 0268a43 (exact softmax, tau 0.2, one view)", "softmax"),
-    Variant("two_views", "--views=2 (symmetric two-view loss)", "softmax_2v", TWO_VIEWS, "Ye et al., CVPR 2019"),
-    Variant("group", "--group_clusters=32 (CLD-style group term against the bank rows' groups, one view)", "softmax",
+    Variant("paper_recipe", "fashion_mnist.flags (exact softmax, tau 0.2, one view)"),
+    Variant("two_views", "--views=2 (symmetric two-view loss)", TWO_VIEWS, "Ye et al., CVPR 2019"),
+    Variant("group", "--group_clusters=32 (CLD-style group term against the bank rows' groups, one view)",
             ("--group_clusters=32",), "after Wang et al., CVPR 2021"),
-    Variant("two_views_group", "--views=2 --group_clusters=32 (CLD-style group term)", "softmax_2v",
+    Variant("two_views_group", "--views=2 --group_clusters=32 (CLD-style group term)",
             (*TWO_VIEWS, "--group_clusters=32"), "Wang et al., CVPR 2021"),
-    Variant("nce", "--objective=nce --num_negatives=4096 (faster steps, more epochs)", "nce",
+    Variant("nce", "--objective=nce --num_negatives=4096 (faster steps, more epochs)",
             ("--objective=nce", "--num_negatives=4096", "--normalizer_momentum=0.9")),
-    Variant("mild_crops", "--crop_scale_min=0.6 --blur_prob=0.3 --erasing_prob=0.3", "softmax",
+    Variant("mild_crops", "--crop_scale_min=0.6 --blur_prob=0.3 --erasing_prob=0.3",
             ("--crop_scale_min=0.6", "--blur_prob=0.3", "--erasing_prob=0.3")),
-    Variant("tau_0.1", "--temperature=0.1", "softmax", ("--temperature=0.1",)),
-    Variant("lr_0.1_warmup", "--learning_rate=0.1 --warmup_epochs=1", "softmax",
+    Variant("tau_0.1", "--temperature=0.1", ("--temperature=0.1",)),
+    Variant("lr_0.1_warmup", "--learning_rate=0.1 --warmup_epochs=1",
             ("--learning_rate=0.1", "--warmup_epochs=1")),
-    Variant("no_head_bn", "--nohead_batchnorm (the paper's linear head, no batch norm)", "softmax",
+    Variant("no_head_bn", "--nohead_batchnorm (the paper's linear head, no batch norm)",
             ("--nohead_batchnorm",), "Wu et al. 2018"),
-    Variant("dim_256", "--embedding_dim=256", "softmax", ("--embedding_dim=256",)),
-    Variant("batch_128", "--batch_size=128 (twice the steps per epoch)", "softmax", ("--batch_size=128",)),
-    Variant("momentum_0", "--bank_momentum=0 (bank rows are the newest features)", "softmax", ("--bank_momentum=0",)),
-    Variant("crops_0.6", "--crop_scale_min=0.6 (milder crops alone)", "softmax", ("--crop_scale_min=0.6",)),
+    Variant("dim_256", "--embedding_dim=256", ("--embedding_dim=256",)),
+    Variant("batch_128", "--batch_size=128 (twice the steps per epoch)", ("--batch_size=128",)),
+    Variant("momentum_0", "--bank_momentum=0 (bank rows are the newest features)", ("--bank_momentum=0",)),
+    Variant("crops_0.6", "--crop_scale_min=0.6 (milder crops alone)", ("--crop_scale_min=0.6",)),
     Variant("bfloat16", "--mixed_precision=bfloat16 (same epochs as paper_recipe: a precision check, not a budget)",
-            "softmax", ("--mixed_precision=bfloat16",)),
+            ("--mixed_precision=bfloat16",), same_epochs_as="paper_recipe"),
 )}
 
 flags.DEFINE_string("root", None, "Directory of the variants' runs.", required=True)
 flags.DEFINE_list("variants", ["all"], f"Variants to run: all, or some of {', '.join(VARIANTS)}.")
-flags.DEFINE_float("minutes", 8.0, "Training budget of every variant (sets its epochs, see SECONDS_PER_EPOCH).")
+flags.DEFINE_float("minutes", 8.0, "Training budget of every variant: train.py --train_minutes.")
 flags.DEFINE_string("output", "", "OUTPUT.md and OUTPUT.json (default ROOT/recipe_ablation).")
 flags.DEFINE_list("extra_flags", [], "train.py flags added to every variant (e.g. --mixed_precision=off).")
 flags.DEFINE_string("base_flagfile", "fashion_mnist.flags", "The flagfile every variant starts from.")
@@ -77,8 +76,12 @@ flags.DEFINE_integer("validation_examples", 5000, "Train images held out to scor
 FLAGS = flags.FLAGS
 
 
-def epochs_for(variant: Variant, minutes: float) -> int:
-  return max(1, math.floor(minutes * 60 / SECONDS_PER_EPOCH[variant.kind]))
+def budget_flags(variant: Variant, root: str, minutes: float) -> list[str]:
+  """The variant's train.py flags that set how long it trains."""
+  if not variant.same_epochs_as:
+    return [f"--train_minutes={minutes:g}", "--lr_schedule=cosine"]
+  with open(os.path.join(root, variant.same_epochs_as, "config.json")) as f:
+    return ["--train_minutes=0", f"--epochs={json.load(f)['train']['epochs']}"]
 
 
 def _run(command: list[str], log_path: str) -> None:
@@ -94,12 +97,12 @@ def base_flags() -> list[str]:
 def train_and_score(variant: Variant, root: str, minutes: float, extra: list[str]) -> dict:
   """Trains the variant (unless finished), scores it with evaluate.py (unless scored); returns its row."""
   model_dir = os.path.join(root, variant.name)
-  epochs = epochs_for(variant, minutes)
   final = os.path.join(model_dir, "final_metrics.json")
   if not os.path.exists(final):
-    print(f"training {variant.name}: {epochs} epochs", flush=True)
-    _run([sys.executable, "train.py", *base_flags(), *variant.flags, *extra, f"--epochs={epochs}",
-          f"--model_dir={model_dir}"], os.path.join(root, f"{variant.name}.log"))
+    budget = budget_flags(variant, root, minutes)
+    print(f"training {variant.name}: {' '.join(budget)}", flush=True)
+    _run([sys.executable, "train.py", *base_flags(), *variant.flags, *extra, *budget, f"--model_dir={model_dir}"],
+         os.path.join(root, f"{variant.name}.log"))
   knn_file = os.path.join(model_dir, "eval", "knn.json")
   if not os.path.exists(knn_file) or os.path.getmtime(knn_file) < os.path.getmtime(final):
     print(f"scoring {variant.name}", flush=True)

@@ -27,13 +27,14 @@ class RecipeAblationTest(tf.test.TestCase):
       self.skipTest("needs Debian's dataset-fashion-mnist")
     root = self.create_tempdir().full_path
     args = (f"--root={root}", "--base_flagfile=smoke.flags", "--validation_examples=200", "--minutes=0.01",
-            "--variants=paper_recipe,two_views_group")
+            "--variants=paper_recipe,two_views_group,bfloat16")
     first = run_ablation(*args)
     self.assertEqual(first.returncode, 0, first.stderr[-3000:])
-    self.assertIn("training two_views_group: 1 epochs", first.stdout)
+    self.assertIn("training two_views_group: --train_minutes=0.01 --lr_schedule=cosine", first.stdout)
+    self.assertIn("training bfloat16: --train_minutes=0 --epochs=1", first.stdout)  # paper_recipe's epochs.
     with open(os.path.join(root, "recipe_ablation.json")) as f:
       report = json.load(f)
-    self.assertEqual([row["name"] for row in report["rows"]], ["paper_recipe", "two_views_group"])
+    self.assertEqual([row["name"] for row in report["rows"]], ["paper_recipe", "two_views_group", "bfloat16"])
     for row in report["rows"]:
       self.assertEqual(sorted(row["top1"]), ["backbone", "embedding", "pixels"])
       self.assertEqual(sorted(row["top1"]["embedding"]), ["10", "20", "200", "50"])
@@ -42,6 +43,7 @@ class RecipeAblationTest(tf.test.TestCase):
       cfg = json.load(f)
     self.assertEqual((cfg["augment"]["views"], cfg["loss"]["group_clusters"]), (2, 32))
     self.assertEqual(cfg["data"]["validation_examples"], 200)
+    self.assertEqual(cfg["train"]["train_minutes"], 0.01)
     with open(os.path.join(root, "recipe_ablation.md")) as f:
       table = f.read()
     self.assertIn("| pixels | raw pixels (784)", table)

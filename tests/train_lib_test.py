@@ -538,6 +538,13 @@ class TrainMinutesTest(tf.test.TestCase):
                      "than --warmup_epochs=1; give more minutes or fewer warm-up epochs")
     self.assertFalse(os.path.exists(model_dir))
 
+  def test_two_replicas_measure_and_agree_on_the_epochs(self):
+    strategy = testing.two_replica_strategy()
+    cfg = self._config("/tmp/unused")
+    plan = train_lib.plan_run(cfg, self.source)
+    self.assertBetween(train_lib.measure_step_seconds(cfg, strategy, self.source, plan, steps=2), 1e-5, 30.0)
+    self.assertEqual(train_lib._agreed_minimum(strategy, 7), 7)
+
   def test_the_measurement_times_real_steps(self):
     cfg = self._config("/tmp/unused")
     seconds = train_lib.measure_step_seconds(cfg, self.strategy, self.source,
