@@ -359,13 +359,10 @@ class RunTest(tf.test.TestCase):
     self.assertEqual(count(current.evaluator), 32)
 
   def test_one_replica_reads_the_dataset_itself_and_two_get_the_strategy_wrapper(self):
-    cfg = testing.tiny_config(self.create_tempdir().full_path, epochs=1)
-    one = train_lib._Run(cfg, distribute.make_strategy("one_device"), testing.tiny_source())
     dataset = tf.data.Dataset.range(4)
-    self.assertIs(one._distribute(dataset), dataset)
-    two = train_lib._Run(testing.replace(cfg, model_dir=self.create_tempdir().full_path),
-                         testing.two_replica_strategy(), testing.tiny_source())
-    self.assertIsInstance(two._distribute(dataset.batch(2)), tf.distribute.DistributedDataset)
+    self.assertIs(train_lib.distribute_dataset(distribute.make_strategy("one_device"), dataset), dataset)
+    self.assertIsInstance(train_lib.distribute_dataset(testing.two_replica_strategy(), dataset.batch(2)),
+                          tf.distribute.DistributedDataset)
 
   def test_validation_slice_is_the_eval_split_and_leaves_the_keys(self):
     model_dir = self.create_tempdir().full_path
