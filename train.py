@@ -45,6 +45,8 @@ _HELP = {
             "without its top, average-pooled (images of at least 32x32, 75x75 for the Inception models, 71x71 "
             f"for Xception): {', '.join(config_lib.KERAS_ARCHS)}.",
     "embedding_dim": "Size D of the L2-normalised embedding.",
+    "width_multiplier": "Scales the channels of every layer of our own archs (0.5: about a quarter of the work per "
+                        "image); keras.<Name> archs take only 1.",
     "head_batchnorm": "Batch-normalise the projection before the L2 norm (not in the paper; faster start).",
     "sync_batchnorm": "Batch-norm statistics over the global batch across replicas (results independent of the "
                       "replica count); off: per-replica statistics, as PyTorch DataParallel.",

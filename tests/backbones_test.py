@@ -82,6 +82,39 @@ class BackbonesTest(tf.test.TestCase, parameterized.TestCase):
       backbones.build_backbone("resnet34", INPUT_SHAPE)
 
 
+class WidthMultiplierTest(tf.test.TestCase, parameterized.TestCase):
+
+  def test_convnet_small_at_half_width(self):
+    model = backbones.build_backbone("convnet_small", INPUT_SHAPE, width_multiplier=0.5)
+    convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+    self.assertEqual([layer.filters for layer in convs], [16, 32, 32, 64, 64, 128])
+    # 3x3 kernels, no biases (batch norm follows): 3*16 + 16*32 + 32*32 + 32*64 + 64*64 + 64*128 inputs x outputs,
+    # times 9, plus BN's gamma and beta per channel.
+    kernels = 9 * (3 * 16 + 16 * 32 + 32 * 32 + 32 * 64 + 64 * 64 + 64 * 128)
+    self.assertEqual(_count(model.trainable_weights), kernels + 2 * (16 + 32 + 32 + 64 + 64 + 128))
+    self.assertEqual(model(np.zeros((2, *INPUT_SHAPE), np.float32)).shape, (2, 128))
+
+  @parameterized.parameters(("resnet18_cifar", 0.5, 256), ("resnet50", 0.25, 512), ("convnet_small", 2.0, 512))
+  def test_feature_width_scales(self, arch, multiplier, features):
+    model = backbones.build_backbone(arch, INPUT_SHAPE, width_multiplier=multiplier)
+    self.assertEqual(model.output.shape[-1], features)
+
+  def test_one_is_the_unscaled_net(self):
+    self.assertEqual(backbones.build_backbone("convnet_small", INPUT_SHAPE, width_multiplier=1.0).count_params(),
+                     TRAINABLE_PARAMS["convnet_small"] + BATCHNORM_STATS["convnet_small"])
+
+  def test_refusals_name_the_flag(self):
+    with self.assertRaisesRegex(ValueError, "--width_multiplier: must be > 0, got 0"):
+      backbones.build_backbone("convnet_small", INPUT_SHAPE, width_multiplier=0.0)
+    with self.assertRaisesRegex(ValueError, "--width_multiplier: .*--arch=keras.MobileNetV3Small .*only 1, got 0.5"):
+      backbones.build_backbone("keras.MobileNetV3Small", INPUT_SHAPE, width_multiplier=0.5)
+    model_cfg = config_lib.ModelConfig(arch="keras.MobileNetV3Small", width_multiplier=0.5)
+    with self.assertRaisesRegex(ValueError, "--width_multiplier: .*--arch=keras.MobileNetV3Small .*only 1, got 0.5"):
+      config_lib.validate(config_lib.Config(model=model_cfg))
+    with self.assertRaisesRegex(ValueError, "--width_multiplier: must be > 0, got -1"):
+      config_lib.validate(config_lib.Config(model=config_lib.ModelConfig(width_multiplier=-1.0)))
+
+
 class SmallInputsAndPolicyTest(tf.test.TestCase, parameterized.TestCase):
 
   @parameterized.named_parameters(

@@ -105,7 +105,7 @@ def stage_layers(arch: str, backbone: keras.Model) -> list[str]:
 
 
 def write_backbone(directory: str, backbone: keras.Model, *, arch: str, input_shape: Sequence[int | None],
-                   step: int) -> dict[str, Any]:
+                   step: int, width_multiplier: float = 1.0) -> dict[str, Any]:
   """The backbone alone under directory (the layout in the module docstring), to start e.g. a detector from.
 
   backbone.weights.h5 is `backbone` itself. backbone.keras is a rebuild with the same layers and weights, but with
@@ -120,7 +120,8 @@ def write_backbone(directory: str, backbone: keras.Model, *, arch: str, input_sh
   backbone.save_weights(os.path.join(directory, BACKBONE_WEIGHTS_FILE))
   channels = input_shape[-1]
   free = tuple(input_shape) if arch in backbones.FIXED_SIZE_ONLY else (None, None, channels)
-  portable = backbones.build_backbone(arch, free, policy="float32", sync_batchnorm=False)
+  portable = backbones.build_backbone(arch, free, policy="float32", sync_batchnorm=False,
+                                      width_multiplier=width_multiplier)
   for layer in portable.layers:
     layer.set_weights(backbone.get_layer(layer.name).get_weights())
   keras.saving.save_model(portable, os.path.join(directory, BACKBONE_KERAS_FILE))
@@ -133,8 +134,10 @@ def write_backbone(directory: str, backbone: keras.Model, *, arch: str, input_sh
   standardize = portable.get_layer("standardize")  # Rescaling: x * scale + offset = (x - mean) / std.
   features = int(portable.output.shape[-1])
   shape_text = ", ".join(str(d) for d in input_shape)
+  width_text = "" if width_multiplier == 1.0 else f", width_multiplier={width_multiplier}"
   checkpointing.write_json_atomic(os.path.join(directory, BACKBONE_INFO_FILE), {
       "arch": arch,
+      "width_multiplier": width_multiplier,
       "input_shape": list(input_shape),
       "keras_input_shape": list(free),
       "output": {"layer": portable.layers[-1].name, "features": features,
@@ -147,7 +150,7 @@ def write_backbone(directory: str, backbone: keras.Model, *, arch: str, input_sh
                  for name, shape in zip(stages, shapes)],
       "files": {"weights": BACKBONE_WEIGHTS_FILE, "keras": BACKBONE_KERAS_FILE},
       "load": f"keras.saving.load_model('{BACKBONE_KERAS_FILE}')",
-      "rebuild": f"tf_instdisc.backbones.build_backbone('{arch}', ({shape_text})) then "
+      "rebuild": f"tf_instdisc.backbones.build_backbone('{arch}', ({shape_text}){width_text}) then "
                  f".load_weights('{BACKBONE_WEIGHTS_FILE}')",
       "checkpoint_step": step,
   })
@@ -269,7 +272,8 @@ def write_export(model_dir: str, export_dir: str, *, overwrite: bool = False, ve
 
   def backbone_writer(directory: str) -> dict[str, Any]:
     return write_backbone(directory, model_lib.backbone_of(model), arch=cfg.model.arch,
-                          input_shape=(size, size, source.image_shape[2]), step=step)
+                          input_shape=(size, size, source.image_shape[2]), step=step,
+                          width_multiplier=cfg.model.width_multiplier)
 
   return _write_artifact(
       export_dir, model, spec, collection, overwrite=overwrite, version=step if version is None else version,

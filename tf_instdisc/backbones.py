@@ -38,11 +38,17 @@ class _Build:
   policy: str
   seeds: Iterator[int]
   sync_batchnorm: bool = False
+  width_multiplier: float = 1.0
 
   @classmethod
-  def create(cls, policy: str, seed: int, sync_batchnorm: bool = False) -> _Build:
+  def create(cls, policy: str, seed: int, sync_batchnorm: bool = False, width_multiplier: float = 1.0) -> _Build:
     # Seeded initializers: the same --seed builds the same network, with no global random state.
-    return cls(policy=policy, seeds=itertools.count(seed * 100_003 + 1), sync_batchnorm=sync_batchnorm)
+    return cls(policy=policy, seeds=itertools.count(seed * 100_003 + 1), sync_batchnorm=sync_batchnorm,
+               width_multiplier=width_multiplier)
+
+  def width(self, channels: int) -> int:
+    """A layer's channels at this build's --width_multiplier (at least 1)."""
+    return max(1, round(channels * self.width_multiplier))
 
   def he_normal(self) -> keras.initializers.Initializer:
     return keras.initializers.HeNormal(seed=next(self.seeds))
@@ -97,7 +103,7 @@ def _standardize(inputs, policy):
 
 def build_resnet(input_shape: tuple[int, int, int], *, depths: tuple[int, ...], bottleneck: bool, cifar_stem: bool,
                  policy: str = "float32", seed: int = 0, sync_batchnorm: bool = False,
-                 name: str = "resnet") -> keras.Model:
+                 width_multiplier: float = 1.0, name: str = "resnet") -> keras.Model:
   """A ResNet v1.5 whose output is the global-average-pooled last stage [B, 512] (basic) or [B, 2048].
 
   Args:
@@ -108,36 +114,41 @@ def build_resnet(input_shape: tuple[int, int, int], *, depths: tuple[int, ...], 
     policy: a Keras dtype policy name, e.g. "mixed_bfloat16".
     seed: seeds every initializer.
     sync_batchnorm: batch statistics over all replicas (Keras' synchronized BatchNormalization).
+    width_multiplier: scales every layer's channels (1: He et al.'s widths).
     name: the model name.
   """
-  build = _Build.create(policy, seed, sync_batchnorm)
+  build = _Build.create(policy, seed, sync_batchnorm, width_multiplier)
   inputs = keras.Input(input_shape, name="images")
   x = _standardize(inputs, policy)
   if cifar_stem:
-    x = _conv_bn(x, 64, 3, 1, build, "stem")
+    x = _conv_bn(x, build.width(64), 3, 1, build, "stem")
   else:
-    x = _conv_bn(x, 64, 7, 2, build, "stem")
+    x = _conv_bn(x, build.width(64), 7, 2, build, "stem")
     x = layers.MaxPooling2D(3, strides=2, padding="same", dtype=policy, name="stem_pool")(x)
   block = _bottleneck_block if bottleneck else _basic_block
   for stage, (depth, width) in enumerate(zip(depths, _WIDTHS)):
     for index in range(depth):
       stride = 2 if (stage > 0 and index == 0) else 1
-      x = block(x, width, stride, build, f"stage{stage + 1}_block{index + 1}")
+      x = block(x, build.width(width), stride, build, f"stage{stage + 1}_block{index + 1}")
   outputs = layers.GlobalAveragePooling2D(dtype=policy, name="pool")(x)
   return keras.Model(inputs, outputs, name=name)
 
 
 def build_convnet_small(input_shape: tuple[int, int, int], *, policy: str = "float32", seed: int = 0,
-                        sync_batchnorm: bool = False, name: str = "convnet_small") -> keras.Model:
-  """A VGG-style net for small images on a CPU: 32 -> pool -> 2x64 -> pool -> 2x128 -> pool -> 256 -> GAP."""
-  build = _Build.create(policy, seed, sync_batchnorm)
+                        sync_batchnorm: bool = False, width_multiplier: float = 1.0,
+                        name: str = "convnet_small") -> keras.Model:
+  """A VGG-style net for small images on a CPU: 32 -> pool -> 2x64 -> pool -> 2x128 -> pool -> 256 -> GAP.
+
+  The channels are those times `width_multiplier` (0.5: 16 -> 2x32 -> 2x64 -> 128, about a quarter of the work).
+  """
+  build = _Build.create(policy, seed, sync_batchnorm, width_multiplier)
   inputs = keras.Input(input_shape, name="images")
   x = _standardize(inputs, policy)
-  x = _conv_bn(x, 32, 3, 1, build, "conv1")
+  x = _conv_bn(x, build.width(32), 3, 1, build, "conv1")
   for stage, (width, repeats) in enumerate(((64, 2), (128, 2), (256, 1)), start=2):
     x = layers.MaxPooling2D(2, padding="same", dtype=policy, name=f"pool{stage}")(x)
     for index in range(repeats):
-      x = _conv_bn(x, width, 3, 1, build, f"conv{stage}_{index + 1}")
+      x = _conv_bn(x, build.width(width), 3, 1, build, f"conv{stage}_{index + 1}")
   outputs = layers.GlobalAveragePooling2D(dtype=policy, name="pool")(x)
   return keras.Model(inputs, outputs, name=name)
 
@@ -302,7 +313,7 @@ def build_keras_application(arch: str, input_shape: tuple[int, int, int], *, pol
 
 
 def build_backbone(arch: str, input_shape: tuple[int, int, int], *, policy: str = "float32", seed: int = 0,
-                   sync_batchnorm: bool = False) -> keras.Model:
+                   sync_batchnorm: bool = False, width_multiplier: float = 1.0) -> keras.Model:
   """Builds BUILDERS[arch], or a keras.applications model for arch="keras.<Name>", with seeded initializers.
 
   Args:
@@ -311,12 +322,25 @@ def build_backbone(arch: str, input_shape: tuple[int, int, int], *, policy: str 
     policy: a Keras dtype policy name, e.g. "mixed_bfloat16".
     seed: seeds every initializer: the same seed builds the same weights.
     sync_batchnorm: batch statistics over all replicas of a tf.distribute strategy (no effect on one device).
+    width_multiplier: scales the channels of every layer of our own archs (BUILDERS); keras.<Name> models have
+      their own widths and take only 1.
 
   Raises:
     ValueError: naming --arch for an unknown name (listing the accepted ones), or an input shape too small for a
-      keras.applications model.
+      keras.applications model; naming --width_multiplier for a keras.<Name> arch with a multiplier other than 1.
   """
   check_arch(arch)
+  check_width_multiplier(arch, width_multiplier)
   if arch.startswith(KERAS_PREFIX):
     return build_keras_application(arch, input_shape, policy=policy, seed=seed, sync_batchnorm=sync_batchnorm)
-  return BUILDERS[arch](input_shape, policy=policy, seed=seed, sync_batchnorm=sync_batchnorm)
+  return BUILDERS[arch](input_shape, policy=policy, seed=seed, sync_batchnorm=sync_batchnorm,
+                        width_multiplier=width_multiplier)
+
+
+def check_width_multiplier(arch: str, width_multiplier: float) -> None:
+  """Raises ValueError naming --width_multiplier unless it is > 0, and 1 for a keras.<Name> arch."""
+  if not width_multiplier > 0:
+    raise ValueError(f"--width_multiplier: must be > 0, got {width_multiplier}")
+  if arch.startswith(KERAS_PREFIX) and width_multiplier != 1.0:
+    raise ValueError(f"--width_multiplier: scales our own archs ({', '.join(BUILDERS)}); --arch={arch} builds "
+                     f"keras.applications' own widths, so it takes only 1, got {width_multiplier}")

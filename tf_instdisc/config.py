@@ -76,6 +76,8 @@ class ModelConfig:
   # E[x^2] - E[x]^2, so it is used on one replica too: the same formula everywhere keeps N-vs-1 runs within 1e-5.
   sync_batchnorm: bool = True
   mixed_precision: str = "off"
+  # Scales the channels of every layer of our own archs (not keras.<Name>): 0.5 is about a quarter of the work.
+  width_multiplier: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -196,6 +198,10 @@ def validate(cfg: Config) -> Config:
   _check(a.views in (1, 2), "views", f"must be 1 or 2, got {a.views}")
   _check_choice(m.arch, "arch", ARCHS + KERAS_ARCHS)
   _check(m.embedding_dim > 0, "embedding_dim", "must be > 0")
+  _check(m.width_multiplier > 0, "width_multiplier", f"must be > 0, got {m.width_multiplier}")
+  _check(m.width_multiplier == 1.0 or m.arch in ARCHS, "width_multiplier",
+         f"scales our own archs ({', '.join(ARCHS)}); --arch={m.arch} builds keras.applications' own widths, so it "
+         f"takes only 1, got {m.width_multiplier}")
   _check_choice(m.mixed_precision, "mixed_precision", MIXED_PRECISION)
   _check_choice(b.bank_init, "bank_init", BANK_INITS)
   _check_choice(b.bank_dtype, "bank_dtype", BANK_DTYPES)

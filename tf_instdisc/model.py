@@ -55,7 +55,8 @@ def build_model(cfg: config_lib.Config, *, num_instances: int, input_shape: tupl
   """
   policy = policy or resolve_policy(cfg.model.mixed_precision)
   encoder = backbones.build_backbone(cfg.model.arch, input_shape, policy=policy, seed=cfg.train.seed,
-                                     sync_batchnorm=cfg.model.sync_batchnorm)
+                                     sync_batchnorm=cfg.model.sync_batchnorm,
+                                     width_multiplier=cfg.model.width_multiplier)
   loss = cfg.loss
   model = instance_discrimination.InstanceDiscrimination(
       encoder, num_instances, embedding_dim=cfg.model.embedding_dim, objective=loss.objective,
@@ -73,7 +74,7 @@ def build_model(cfg: config_lib.Config, *, num_instances: int, input_shape: tupl
 
 def build_embedding_model(arch: str, input_shape: tuple[int, int, int], *, embedding_dim: int,
                           policy: str = "float32", seed: int = 0, head_batchnorm: bool = False,
-                          sync_batchnorm: bool = False) -> keras.Model:
+                          sync_batchnorm: bool = False, width_multiplier: float = 1.0) -> keras.Model:
   """Builds backbone -> Dense(embedding_dim) -> L2 normalise (InstanceDiscrimination's layers, without a bank).
 
   Args:
@@ -84,12 +85,14 @@ def build_embedding_model(arch: str, input_shape: tuple[int, int, int], *, embed
     seed: seeds every initializer: the same seed builds the same weights.
     head_batchnorm: batch-normalise the projection before the L2 norm (not in the paper; see ModelConfig).
     sync_batchnorm: every BatchNormalization takes its statistics over all replicas (ModelConfig).
+    width_multiplier: scales the backbone's channels (ModelConfig).
 
   Returns:
     A functional keras.Model, images [B, H, W, C] -> float32 [B, D], unit norm; layers [input, backbone,
     projection, (projection_bn,) l2_normalize].
   """
-  backbone = backbones.build_backbone(arch, input_shape, policy=policy, seed=seed, sync_batchnorm=sync_batchnorm)
+  backbone = backbones.build_backbone(arch, input_shape, policy=policy, seed=seed, sync_batchnorm=sync_batchnorm,
+                                      width_multiplier=width_multiplier)
   model = instance_discrimination.InstanceDiscrimination(
       backbone, 1, embedding_dim=embedding_dim, head_batchnorm=head_batchnorm, sync_batchnorm=sync_batchnorm,
       seed=seed)
