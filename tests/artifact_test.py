@@ -185,6 +185,20 @@ class ArtifactTest(tf.test.TestCase):
     self.assertEqual(info["files"], {"weights": "backbone.weights.h5", "keras": "backbone.keras"})
     self.assertIn("build_backbone('convnet_small', (28, 28, 1))", info["rebuild"])
 
+  def test_a_narrower_backbone_is_rebuilt_at_its_width(self):
+    backbone = backbones.build_backbone("convnet_small", (28, 28, 1), seed=3, width_multiplier=0.5)
+    directory = os.path.join(self.create_tempdir().full_path, "backbone")
+    artifact.write_backbone(directory, backbone, arch="convnet_small", input_shape=(28, 28, 1), step=7,
+                            width_multiplier=0.5)
+    with open(os.path.join(directory, artifact.BACKBONE_INFO_FILE)) as f:
+      info = json.load(f)
+    self.assertEqual(info["width_multiplier"], 0.5)
+    self.assertIn("build_backbone('convnet_small', (28, 28, 1), width_multiplier=0.5)", info["rebuild"])
+    self.assertEqual([stage["channels"] for stage in info["stages"]], [16, 32, 64, 128])
+    loaded = keras.saving.load_model(os.path.join(directory, artifact.BACKBONE_KERAS_FILE))
+    images = _fashion_images(3).astype(np.float32)
+    self.assertAllClose(loaded(images, training=False), backbone(images, training=False), atol=1e-5)
+
   def test_resnet_stages_end_with_each_stage_last_block(self):
     for arch, last_blocks in (("resnet18_cifar", (2, 2, 2, 2)), ("resnet50", (3, 4, 6, 3))):
       backbone = backbones.build_backbone(arch, (32, 32, 3))
