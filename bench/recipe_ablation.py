@@ -65,6 +65,13 @@ VARIANTS = {v.name: v for v in (
     Variant("width_0.5", "--width_multiplier=0.5 (half the channels: about 4x cheaper steps, more epochs)",
             ("--width_multiplier=0.5",)),
     Variant("width_0.75", "--width_multiplier=0.75 (three quarters of the channels)", ("--width_multiplier=0.75",)),
+    # Levers on top of the half-width net (what a recipe at --width_multiplier=0.5 would add).
+    Variant("width_0.5_crops_0.6", "--width_multiplier=0.5 --crop_scale_min=0.6",
+            ("--width_multiplier=0.5", "--crop_scale_min=0.6")),
+    Variant("width_0.5_nce", "--width_multiplier=0.5 --objective=nce --num_negatives=4096",
+            ("--width_multiplier=0.5", "--objective=nce", "--num_negatives=4096", "--normalizer_momentum=0.9")),
+    Variant("width_0.5_tau_0.1", "--width_multiplier=0.5 --temperature=0.1",
+            ("--width_multiplier=0.5", "--temperature=0.1")),
     Variant("bfloat16", "--mixed_precision=bfloat16 (same epochs as paper_recipe: a precision check, not a budget)",
             ("--mixed_precision=bfloat16",), same_epochs_as="paper_recipe"),
 )}
