@@ -785,6 +785,14 @@ class TrainDatasetTest(tf.test.TestCase, parameterized.TestCase):
         data.ID_KEY: tf.TensorSpec([4], tf.int64),
     })
 
+  def test_no_autotune_model_thread(self):
+    # Destroying an iterator waited up to a minute for tf.data's autotuning thread at epoch ends (data.py).
+    ds = data.make_train_dataset(self.source, config_lib.DataConfig(), _AUGMENT, batch_size=4, seed=0, epoch=0)
+    self.assertFalse(ds.options().autotune.enabled)
+    eval_ds = data.make_eval_dataset(self.source.eval, _AUGMENT, image_size=8, batch_size=4)
+    self.assertFalse(eval_ds.options().autotune.enabled)
+    self.assertGreaterEqual(data.input_parallelism(), 1)
+
   def test_element_spec_at_image_size_rgb(self):
     source = testing.tiny_source(8, n_eval=4, shape=(10, 10, 3))
     ds = data.make_train_dataset(source, config_lib.DataConfig(image_size=6), _AUGMENT, batch_size=2, seed=0,
