@@ -62,7 +62,7 @@ VARIANTS = {v.name: v for v in (
     Variant("batch_128", "--batch_size=128 (twice the steps per epoch)", ("--batch_size=128",)),
     Variant("momentum_0", "--bank_momentum=0 (bank rows are the newest features)", ("--bank_momentum=0",)),
     Variant("crops_0.6", "--crop_scale_min=0.6 (milder crops alone)", ("--crop_scale_min=0.6",)),
-    Variant("width_0.5", "--width_multiplier=0.5 (half the channels: about 4x cheaper steps, more epochs)",
+    Variant("width_0.5", "--width_multiplier=0.5 (half the channels: 2.6x the images/s here, more epochs)",
             ("--width_multiplier=0.5",)),
     Variant("width_0.75", "--width_multiplier=0.75 (three quarters of the channels)", ("--width_multiplier=0.75",)),
     # Levers on top of the half-width net (what a recipe at --width_multiplier=0.5 would add).
