@@ -106,6 +106,15 @@ class EmbeddingModelTest(tf.test.TestCase, parameterized.TestCase):
       model_lib.build_embedding_model("vgg16", INPUT_SHAPE, embedding_dim=8)
 
 
+class WidthMultiplierTest(tf.test.TestCase):
+
+  def test_build_model_takes_the_configs_width(self):
+    cfg = config_lib.Config(model=config_lib.ModelConfig(arch="convnet_small", width_multiplier=0.5,
+                                                         embedding_dim=8))
+    model = model_lib.build_model(cfg, num_instances=4, input_shape=(28, 28, 1))
+    self.assertEqual(model.encoder.output.shape[-1], 128)  # Half of convnet_small's 256 pooled channels.
+
+
 class InstanceClassifierTest(tf.test.TestCase):
 
   def test_shape_and_weights(self):

@@ -25,6 +25,8 @@ from typing import Any, Callable, Iterator, Sequence
 import keras
 from keras import layers
 
+from tf_instdisc import config as config_lib
+
 _WIDTHS = (64, 128, 256, 512)
 _BN_MOMENTUM = 0.9  # PyTorch's momentum 0.1, the official code's.
 # Fixed input standardisation: pixels [0, 255] -> roughly zero mean, unit scale, for every dataset alike.
@@ -330,17 +332,9 @@ def build_backbone(arch: str, input_shape: tuple[int, int, int], *, policy: str 
       keras.applications model; naming --width_multiplier for a keras.<Name> arch with a multiplier other than 1.
   """
   check_arch(arch)
-  check_width_multiplier(arch, width_multiplier)
+  config_lib.check_width_multiplier(arch, width_multiplier)
   if arch.startswith(KERAS_PREFIX):
     return build_keras_application(arch, input_shape, policy=policy, seed=seed, sync_batchnorm=sync_batchnorm)
   return BUILDERS[arch](input_shape, policy=policy, seed=seed, sync_batchnorm=sync_batchnorm,
                         width_multiplier=width_multiplier)
 
-
-def check_width_multiplier(arch: str, width_multiplier: float) -> None:
-  """Raises ValueError naming --width_multiplier unless it is > 0, and 1 for a keras.<Name> arch."""
-  if not width_multiplier > 0:
-    raise ValueError(f"--width_multiplier: must be > 0, got {width_multiplier}")
-  if arch.startswith(KERAS_PREFIX) and width_multiplier != 1.0:
-    raise ValueError(f"--width_multiplier: scales our own archs ({', '.join(BUILDERS)}); --arch={arch} builds "
-                     f"keras.applications' own widths, so it takes only 1, got {width_multiplier}")

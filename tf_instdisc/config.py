@@ -169,6 +169,14 @@ def _check(ok: bool, field: str, message: str) -> None:
     raise ValueError(f"--{field}: {message}")
 
 
+def check_width_multiplier(arch: str, width_multiplier: float) -> None:
+  """Raises ValueError naming --width_multiplier unless it is > 0, and 1 for a keras.<Name> arch."""
+  _check(width_multiplier > 0, "width_multiplier", f"must be > 0, got {width_multiplier}")
+  _check(width_multiplier == 1.0 or arch in ARCHS, "width_multiplier",
+         f"scales our own archs ({', '.join(ARCHS)}); --arch={arch} builds keras.applications' own widths, so it "
+         f"takes only 1, got {width_multiplier}")
+
+
 def _check_choice(value: str, field: str, choices: tuple[str, ...]) -> None:
   _check(value in choices, field, f"got {value!r}, expected one of {', '.join(choices)}")
 
@@ -198,10 +206,7 @@ def validate(cfg: Config) -> Config:
   _check(a.views in (1, 2), "views", f"must be 1 or 2, got {a.views}")
   _check_choice(m.arch, "arch", ARCHS + KERAS_ARCHS)
   _check(m.embedding_dim > 0, "embedding_dim", "must be > 0")
-  _check(m.width_multiplier > 0, "width_multiplier", f"must be > 0, got {m.width_multiplier}")
-  _check(m.width_multiplier == 1.0 or m.arch in ARCHS, "width_multiplier",
-         f"scales our own archs ({', '.join(ARCHS)}); --arch={m.arch} builds keras.applications' own widths, so it "
-         f"takes only 1, got {m.width_multiplier}")
+  check_width_multiplier(m.arch, m.width_multiplier)
   _check_choice(m.mixed_precision, "mixed_precision", MIXED_PRECISION)
   _check_choice(b.bank_init, "bank_init", BANK_INITS)
   _check_choice(b.bank_dtype, "bank_dtype", BANK_DTYPES)
