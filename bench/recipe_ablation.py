@@ -72,6 +72,12 @@ VARIANTS = {v.name: v for v in (
             ("--width_multiplier=0.5", "--objective=nce", "--num_negatives=4096", "--normalizer_momentum=0.9")),
     Variant("width_0.5_tau_0.1", "--width_multiplier=0.5 --temperature=0.1",
             ("--width_multiplier=0.5", "--temperature=0.1")),
+    # Levers on top of fashion_mnist.flags as it is now (half width, crops >= 60%).
+    Variant("crops_0.8", "--crop_scale_min=0.8 (crops of 80-100% of the image)", ("--crop_scale_min=0.8",)),
+    Variant("width_0.25", "--width_multiplier=0.25 (a quarter of the channels: more epochs again)",
+            ("--width_multiplier=0.25",)),
+    Variant("depth_resnet18", "--arch=resnet18_cifar --width_multiplier=0.25 (depth: 17 conv layers, not 6, "
+            "at 16-128 channels)", ("--arch=resnet18_cifar", "--width_multiplier=0.25")),
     Variant("bfloat16", "--mixed_precision=bfloat16 (same epochs as paper_recipe: a precision check, not a budget)",
             ("--mixed_precision=bfloat16",), same_epochs_as="paper_recipe"),
 )}
