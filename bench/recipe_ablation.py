@@ -76,6 +76,8 @@ VARIANTS = {v.name: v for v in (
     Variant("crops_0.8", "--crop_scale_min=0.8 (crops of 80-100% of the image)", ("--crop_scale_min=0.8",)),
     Variant("width_0.25", "--width_multiplier=0.25 (a quarter of the channels: more epochs again)",
             ("--width_multiplier=0.25",)),
+    Variant("nce_crops_0.8", "--objective=nce --num_negatives=4096 --crop_scale_min=0.8 (the two together)",
+            ("--objective=nce", "--num_negatives=4096", "--normalizer_momentum=0.9", "--crop_scale_min=0.8")),
     Variant("depth_resnet18", "--arch=resnet18_cifar --width_multiplier=0.25 (depth: 17 conv layers, not 6, "
             "at 16-128 channels)", ("--arch=resnet18_cifar", "--width_multiplier=0.25")),
     Variant("bfloat16", "--mixed_precision=bfloat16 (same epochs as paper_recipe: a precision check, not a budget)",
