@@ -110,6 +110,17 @@ class EvaluationTest(tf.test.TestCase):
       height, width = _readable_png(os.path.join(self.root, "knn", name))[:2]
       self.assertGreater(min(height, width), 100)
 
+  def test_the_untrained_baseline_does_not_overwrite_the_trained_runs_results(self):
+    model_dir = os.path.join(self.root, "default_dirs")
+    shutil.copytree(self.model_dir, model_dir)
+    for untrained in (False, True):
+      evaluation.evaluate(model_dir, evaluation.EvalOptions(knn_k=(20,), knn_features=("embedding",), plots=False,
+                                                            untrained=untrained))
+    for name, untrained in (("eval", False), ("eval_untrained", True)):
+      with open(os.path.join(model_dir, name, "knn.json")) as f:
+        self.assertEqual(json.load(f)["untrained"], untrained, msg=name)
+      self.assertLen(results.read_table(os.path.join(model_dir, name, "results.md")), 1)
+
   def test_knn_rows_of_embedding_backbone_and_pixels_match_numpy(self):
     # The run's own 1,024 train images as keys, its 512 eval images as queries, read here straight from the files.
     ks, temperature = (10, 20, 50, 200), 0.07

@@ -55,7 +55,7 @@ class EvalOptions:
   max_train_examples: int = AS_TRAINED  # Labelled train images for keys / probes / subsets (0 = all).
   max_eval_examples: int = AS_TRAINED
   batch_size: int = 256
-  output_dir: str = ""  # Default: MODEL_DIR/eval.
+  output_dir: str = ""  # Default: MODEL_DIR/eval (MODEL_DIR/eval_untrained with untrained).
   results_table: str = ""  # A Markdown file to append rows to ("" = OUTPUT_DIR/results.md).
   run_name: str = ""  # The table's "run" column (default: the model dir's name).
   plots: bool = True
@@ -246,7 +246,8 @@ def evaluate(model_dir: str, options: EvalOptions) -> dict[str, Any]:
   validate(options)
   run = features_lib.load_run(model_dir, untrained=options.untrained)
   cfg = run.cfg
-  output_dir = options.output_dir or os.path.join(model_dir, "eval")
+  # The untrained baseline has its own default dir: it must not overwrite the trained run's knn.json.
+  output_dir = options.output_dir or os.path.join(model_dir, "eval_untrained" if options.untrained else "eval")
   run_name = options.run_name or os.path.basename(os.path.normpath(model_dir))
   table = options.results_table or os.path.join(output_dir, "results.md")
   all_layers = features_lib.layer_names(run.model)
