@@ -61,7 +61,8 @@ flags.DEFINE_integer("max_train_examples", evaluation.AS_TRAINED,
                      "Labelled train images for kNN keys, probes and subsets: -1 as trained, 0 all, else the first N.")
 flags.DEFINE_integer("max_eval_examples", evaluation.AS_TRAINED, "Eval images: -1 as trained, 0 all, else N.")
 flags.DEFINE_integer("batch_size", _OPTIONS.batch_size, "Batch of the feature passes.")
-flags.DEFINE_string("output_dir", "", "Where JSON and plots go (default MODEL_DIR/eval; MODEL_DIR/eval_untrained with --untrained).")
+flags.DEFINE_string("output_dir", "",
+                    "Where JSON and plots go (default MODEL_DIR/eval; MODEL_DIR/eval_untrained with --untrained).")
 flags.DEFINE_string("results_table", "", "Markdown table to append rows to (default OUTPUT_DIR/results.md).")
 flags.DEFINE_string("run_name", "", "The table's run column (default: the model dir's name).")
 flags.DEFINE_bool("plots", True, "Write the PNG plots.")
