@@ -43,7 +43,9 @@ class Variant:
 
 TWO_VIEWS = ("--views=2",)
 VARIANTS = {v.name: v for v in (
-    Variant("paper_recipe", "fashion_mnist.flags (exact softmax, tau 0.2, one view)"),
+    # The name is historic: this row is --base_flagfile as it stands (since 1dc382b, NCE with crops >= 80%), the
+    # row every other variant changes; variants whose flags the base already sets (nce, crops_0.8) repeat it.
+    Variant("paper_recipe", "the base flagfile as it stands (every other row changes it)"),
     Variant("two_views", "--views=2 (symmetric two-view loss)", TWO_VIEWS, "Ye et al., CVPR 2019"),
     Variant("group", "--group_clusters=32 (CLD-style group term against the bank rows' groups, one view)",
             ("--group_clusters=32",), "after Wang et al., CVPR 2021"),
