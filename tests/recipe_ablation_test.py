@@ -62,6 +62,38 @@ class RecipeAblationTest(tf.test.TestCase):
     self.assertIn("--variants: unknown bigger_batch", result.stderr)
     self.assertFalse(os.path.exists(root))
 
+  def test_epochs_of_must_be_one_of_the_variants(self):
+    root = os.path.join(self.create_tempdir().full_path, "never")
+    result = run_ablation(f"--root={root}", "--variants=crops_0.9,jitter_0", "--epochs_of=paper_recipe")
+    self.assertEqual(result.returncode, 2)
+    self.assertIn("--epochs_of=paper_recipe is not one of --variants (crops_0.9, jitter_0)", result.stderr)
+    self.assertFalse(os.path.exists(root))
+
+  def test_epochs_of_gives_every_other_variant_the_epochs_its_run_chose(self):
+    root = self.create_tempdir().full_path
+    os.makedirs(os.path.join(root, "paper_recipe"))
+    with open(os.path.join(root, "paper_recipe", "config.json"), "w") as f:
+      json.dump({"train": {"epochs": 7}}, f)
+    # In a process of its own: the script defines absl flags at import, as train.py and evaluate.py do.
+    result = subprocess.run([testing.python(), "-c", _BUDGETS, root], cwd=testing.REPO_ROOT, capture_output=True,
+                            text=True, timeout=120, check=False)
+    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    on_minutes = ["--train_minutes=10", "--lr_schedule=cosine"]
+    self.assertEqual(json.loads(result.stdout), {"lever": ["--train_minutes=0", "--epochs=7"], "base": on_minutes,
+                                                 "lever_alone": on_minutes})
+
+
+_BUDGETS = """
+import importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("recipe_ablation", "bench/recipe_ablation.py")
+script = importlib.util.module_from_spec(spec)
+sys.modules["recipe_ablation"] = script
+spec.loader.exec_module(script)
+root, lever, base = sys.argv[1], script.VARIANTS["crops_0.9"], script.VARIANTS["paper_recipe"]
+print(json.dumps({"lever": script.budget_flags(lever, root, 10.0, "paper_recipe"),
+                  "base": script.budget_flags(base, root, 10.0, "paper_recipe"),
+                  "lever_alone": script.budget_flags(lever, root, 10.0)}))
+"""
 
 if __name__ == "__main__":
   tf.test.main()
