@@ -87,7 +87,6 @@ VARIANTS = {v.name: v for v in (
     # is that Fashion-MNIST's classes need less invariance than ImageNet's.
     Variant("crops_0.9", "--crop_scale_min=0.9 (crops of 90-100% of the image)", ("--crop_scale_min=0.9",)),
     Variant("jitter_0", "--color_jitter=0 (no brightness or contrast jitter)", ("--color_jitter=0",)),
-    Variant("jitter_0.2", "--color_jitter=0.2 (half the brightness and contrast jitter)", ("--color_jitter=0.2",)),
     Variant("jitter_0.8", "--color_jitter=0.8 (twice the brightness and contrast jitter)", ("--color_jitter=0.8",)),
     Variant("bfloat16", "--mixed_precision=bfloat16 (same epochs as paper_recipe: a precision check, not a budget)",
             ("--mixed_precision=bfloat16",), same_epochs_as="paper_recipe"),
@@ -107,9 +106,33 @@ flags.DEFINE_string("epochs_of", "", "A variant of --variants: it trains first, 
 FLAGS = flags.FLAGS
 
 
+def epochs_source(variant: Variant, epochs_of: str = "") -> str:
+  """The variant whose run's epochs this one trains ("": it trains on --minutes)."""
+  return variant.same_epochs_as or (epochs_of if variant.name != epochs_of else "")
+
+
+def training_order(names: list[str], root: str, epochs_of: str = "") -> list[str]:
+  """names with every run whose epochs another one trains moved before it.
+
+  Raises:
+    ValueError: naming --epochs_of or the variant, when the run it needs is neither among names nor in root.
+  """
+  sources = []
+  for name in names:
+    source = epochs_source(VARIANTS[name], epochs_of)
+    if not source or source in sources:
+      continue
+    if source not in names and not os.path.exists(os.path.join(root, source, "config.json")):
+      what = f"--epochs_of={epochs_of}" if source == epochs_of else f"{name} trains the epochs of {source}, which"
+      raise ValueError(f"{what} is not one of --variants ({', '.join(names)}) nor a finished run in --root={root}")
+    sources.append(source)
+  first = [n for n in sources if n in names]
+  return first + [n for n in names if n not in first]
+
+
 def budget_flags(variant: Variant, root: str, minutes: float, epochs_of: str = "") -> list[str]:
   """The variant's train.py flags that set how long it trains: --minutes, or the epochs another run chose."""
-  source = variant.same_epochs_as or (epochs_of if variant.name != epochs_of else "")
+  source = epochs_source(variant, epochs_of)
   if not source:
     return [f"--train_minutes={minutes:g}", "--lr_schedule=cosine"]
   with open(os.path.join(root, source, "config.json")) as f:
@@ -194,12 +217,14 @@ def main(argv: list[str]) -> int:
     print(f"recipe_ablation.py: --variants: unknown {', '.join(unknown)}; expected all or some of "
           f"{', '.join(VARIANTS)}", file=sys.stderr)
     return 2
-  if FLAGS.epochs_of:
-    if FLAGS.epochs_of not in names:
-      print(f"recipe_ablation.py: --epochs_of={FLAGS.epochs_of} is not one of --variants ({', '.join(names)})",
-            file=sys.stderr)
-      return 2
-    names = [FLAGS.epochs_of, *(n for n in names if n != FLAGS.epochs_of)]  # It trains first: the others need it.
+  if FLAGS.epochs_of and FLAGS.epochs_of not in VARIANTS:
+    print(f"recipe_ablation.py: --epochs_of: unknown {FLAGS.epochs_of}", file=sys.stderr)
+    return 2
+  try:
+    names = training_order(names, FLAGS.root, FLAGS.epochs_of)
+  except ValueError as e:
+    print(f"recipe_ablation.py: {e}", file=sys.stderr)
+    return 2
   os.makedirs(FLAGS.root, exist_ok=True)
   output = FLAGS.output or os.path.join(FLAGS.root, "recipe_ablation")
   command = " ".join(["python bench/recipe_ablation.py", *sys.argv[1:]])

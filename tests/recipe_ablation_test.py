@@ -68,6 +68,12 @@ class RecipeAblationTest(tf.test.TestCase):
     self.assertEqual(result.returncode, 2)
     self.assertIn("--epochs_of=paper_recipe is not one of --variants (crops_0.9, jitter_0)", result.stderr)
     self.assertFalse(os.path.exists(root))
+    # A variant whose own epochs come from another run is refused the same way (it used to fail on a missing file).
+    result = run_ablation(f"--root={root}", "--variants=bfloat16")
+    self.assertEqual(result.returncode, 2)
+    self.assertIn("bfloat16 trains the epochs of paper_recipe, which is not one of --variants (bfloat16)",
+                  result.stderr)
+    self.assertFalse(os.path.exists(root))
 
   def test_epochs_of_gives_every_other_variant_the_epochs_its_run_chose(self):
     root = self.create_tempdir().full_path
@@ -80,7 +86,10 @@ class RecipeAblationTest(tf.test.TestCase):
     self.assertEqual(result.returncode, 0, result.stderr[-3000:])
     on_minutes = ["--train_minutes=10", "--lr_schedule=cosine"]
     self.assertEqual(json.loads(result.stdout), {"lever": ["--train_minutes=0", "--epochs=7"], "base": on_minutes,
-                                                 "lever_alone": on_minutes})
+                                                 "lever_alone": on_minutes,
+                                                 "order": ["paper_recipe", "crops_0.9", "jitter_0"],
+                                                 "order_alone": ["crops_0.9", "paper_recipe"],
+                                                 "order_finished": ["crops_0.9"]})
 
 
 _BUDGETS = """
@@ -92,7 +101,11 @@ spec.loader.exec_module(script)
 root, lever, base = sys.argv[1], script.VARIANTS["crops_0.9"], script.VARIANTS["paper_recipe"]
 print(json.dumps({"lever": script.budget_flags(lever, root, 10.0, "paper_recipe"),
                   "base": script.budget_flags(base, root, 10.0, "paper_recipe"),
-                  "lever_alone": script.budget_flags(lever, root, 10.0)}))
+                  "lever_alone": script.budget_flags(lever, root, 10.0),
+                  "order": script.training_order(["crops_0.9", "jitter_0", "paper_recipe"], root, "paper_recipe"),
+                  "order_alone": script.training_order(["crops_0.9", "paper_recipe"], root),
+                  # paper_recipe's run is finished in root: crops_0.9 may take its epochs without it.
+                  "order_finished": script.training_order(["crops_0.9"], root, "paper_recipe")}))
 """
 
 if __name__ == "__main__":
