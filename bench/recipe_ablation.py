@@ -88,6 +88,9 @@ VARIANTS = {v.name: v for v in (
     Variant("crops_0.9", "--crop_scale_min=0.9 (crops of 90-100% of the image)", ("--crop_scale_min=0.9",)),
     Variant("jitter_0", "--color_jitter=0 (no brightness or contrast jitter)", ("--color_jitter=0",)),
     Variant("jitter_0.8", "--color_jitter=0.8 (twice the brightness and contrast jitter)", ("--color_jitter=0.8",)),
+    Variant("crops_1.0", "--crop_scale_min=1.0 (no crop: the whole image, flipped and jittered)",
+            ("--crop_scale_min=1.0",)),
+    Variant("tau_0.3", "--temperature=0.3", ("--temperature=0.3",)),
     Variant("bfloat16", "--mixed_precision=bfloat16 (same epochs as paper_recipe: a precision check, not a budget)",
             ("--mixed_precision=bfloat16",), same_epochs_as="paper_recipe"),
 )}

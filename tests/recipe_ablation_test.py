@@ -8,6 +8,7 @@ import subprocess
 
 import tensorflow as tf
 
+import train
 from tests import testing
 
 SCRIPT = os.path.join("bench", "recipe_ablation.py")
@@ -91,6 +92,37 @@ class RecipeAblationTest(tf.test.TestCase):
                                                  "order_alone": ["crops_0.9", "paper_recipe"],
                                                  "order_finished": ["crops_0.9"]})
 
+  def test_every_variant_is_a_valid_train_config_that_sets_its_flags(self):
+    # A typo in a variant's flags would otherwise surface only when its turn comes, maybe an hour into a run.
+    result = subprocess.run([testing.python(), "-c", _VARIANT_FLAGS], cwd=testing.REPO_ROOT, capture_output=True,
+                            text=True, timeout=120, check=False)
+    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    variants = json.loads(result.stdout)
+    self.assertIn("crops_1.0", variants)
+    self.addCleanup(train.FLAGS.unparse_flags)
+    for name, variant_flags in variants.items():
+      with self.subTest(name):
+        train.FLAGS.unparse_flags()
+        train.FLAGS(["train.py", "--flagfile=fashion_mnist.flags", "--validation_examples=5000",
+                     "--monitor_examples=1000", *variant_flags, "--train_minutes=10", "--model_dir=/tmp/unused"])
+        cfg = train.config_from_flags()
+        for flag in variant_flags:  # Each of the variant's flags has the value it gives (none is shadowed).
+          key, _, value = flag.lstrip("-").partition("=")
+          if not value:  # A boolean: --name or --noname.
+            key, value = (key[2:], False) if key.startswith("no") and key[2:] in train.FLAGS else (key, True)
+          expected = train.FLAGS[key].parser.parse(value) if isinstance(value, str) else value
+          self.assertEqual(train.FLAGS[key].value, expected, flag)
+        self.assertEqual(cfg.data.validation_examples, 5000)
+
+
+_VARIANT_FLAGS = """
+import importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("recipe_ablation", "bench/recipe_ablation.py")
+script = importlib.util.module_from_spec(spec)
+sys.modules["recipe_ablation"] = script
+spec.loader.exec_module(script)
+print(json.dumps({name: list(variant.flags) for name, variant in script.VARIANTS.items()}))
+"""
 
 _BUDGETS = """
 import importlib.util, json, sys
