@@ -11,7 +11,8 @@ that variant's run chose, and with --epochs_of=NAME every variant but NAME train
 (equal epochs, for levers that leave an epoch's cost alone). The table shows the epochs and the wall time each
 really took. Each run is then scored by `evaluate.py --protocol=knn --knn_k=10,20,50,200` on the 5,000 held-out
 train images (never the test set): embedding, pooled backbone and raw pixels. A rerun skips finished runs and
-evaluations. Writes OUTPUT.md (a table), OUTPUT.json and OUTPUT.png (the bank-kNN monitor against wall minutes).
+evaluations. Writes OUTPUT.md (a table), OUTPUT.json and OUTPUT.png (the bank-kNN monitor against wall minutes;
+against epochs with --epochs_of).
 """
 
 from __future__ import annotations
@@ -201,14 +202,16 @@ def write_table(rows: list[dict], output: str, command: str) -> None:
   os.replace(f"{output}.json.tmp", f"{output}.json")
 
 
-def write_plot(rows: list[dict], root: str, output: str) -> None:
-  """The monitor (bank kNN at the flagfile's k, first MONITOR_EXAMPLES validation images) against wall minutes."""
+def write_plot(rows: list[dict], root: str, output: str, x: str = "minutes") -> None:
+  """The monitor (bank kNN at the flagfile's k, first MONITOR_EXAMPLES validation images) against x: wall minutes,
+  or epochs when the variants train equal epochs (--epochs_of: their minutes then say how fast the host was)."""
   runs = {}
   for row in rows:
     with open(os.path.join(root, row["name"], "metrics.jsonl")) as f:
       runs[row["name"]] = [json.loads(line) for line in f if line.strip()]
   pixels = rows[0]["top1"].get("pixels", {}).get(200) if rows else None
-  plots.training_curves(runs, f"{output}.png", x="minutes", title="kNN monitor at equal wall-clock budgets",
+  title = "kNN monitor at equal wall-clock budgets" if x == "minutes" else "kNN monitor at equal epochs"
+  plots.training_curves(runs, f"{output}.png", x=x, title=title,
                         baselines={"raw pixels, k=200": pixels} if pixels else None)
 
 
@@ -237,7 +240,7 @@ def main(argv: list[str]) -> int:
     rows.append(train_and_score(VARIANTS[name], FLAGS.root, FLAGS.minutes, FLAGS.extra_flags, FLAGS.epochs_of))
     print(f"{name}: k=200 {100 * rows[-1]['top1']['embedding'][200]:.2f}% ({time.time() - start:.0f} s)", flush=True)
     write_table(rows, output, command)
-    write_plot(rows, FLAGS.root, output)
+    write_plot(rows, FLAGS.root, output, x="epoch" if FLAGS.epochs_of else "minutes")
   return 0
 
 

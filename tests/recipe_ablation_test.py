@@ -114,6 +114,33 @@ class RecipeAblationTest(tf.test.TestCase):
           self.assertEqual(train.FLAGS[key].value, expected, flag)
         self.assertEqual(cfg.data.validation_examples, 5000)
 
+  def test_equal_epoch_runs_are_plotted_against_epochs(self):
+    root = self.create_tempdir().full_path
+    for name in ("paper_recipe", "crops_0.9"):
+      os.makedirs(os.path.join(root, name))
+      with open(os.path.join(root, name, "metrics.jsonl"), "w") as f:  # No wall times: x="minutes" would refuse.
+        f.write("\n".join(json.dumps({"epoch": e, "loss": 9.0 - e, "knn_top1": 0.5 + 0.1 * e}) for e in (1, 2)))
+    result = subprocess.run([testing.python(), "-c", _PLOT, root], cwd=testing.REPO_ROOT, capture_output=True,
+                            text=True, timeout=120, check=False)
+    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    self.assertGreater(os.path.getsize(os.path.join(root, "plot.png")), 1000)
+    self.assertIn("has no 'minutes'", result.stdout)  # Against minutes the same runs are refused.
+
+
+_PLOT = """
+import importlib.util, os, sys
+spec = importlib.util.spec_from_file_location("recipe_ablation", "bench/recipe_ablation.py")
+script = importlib.util.module_from_spec(spec)
+sys.modules["recipe_ablation"] = script
+spec.loader.exec_module(script)
+root = sys.argv[1]
+rows = [{"name": n, "top1": {}} for n in ("paper_recipe", "crops_0.9")]
+script.write_plot(rows, root, os.path.join(root, "plot"), x="epoch")
+try:
+  script.write_plot(rows, root, os.path.join(root, "minutes"), x="minutes")
+except ValueError as e:
+  print(e)
+"""
 
 _VARIANT_FLAGS = """
 import importlib.util, json, sys
