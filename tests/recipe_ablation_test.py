@@ -103,8 +103,9 @@ class RecipeAblationTest(tf.test.TestCase):
     for name, variant_flags in variants.items():
       with self.subTest(name):
         train.FLAGS.unparse_flags()
-        train.FLAGS(["train.py", "--flagfile=fashion_mnist.flags", "--validation_examples=5000",
-                     "--monitor_examples=1000", *variant_flags, "--train_minutes=10", "--model_dir=/tmp/unused"])
+        train.FLAGS(["train.py", f"--flagfile={os.path.join(testing.REPO_ROOT, 'fashion_mnist.flags')}",
+                     "--validation_examples=5000", "--monitor_examples=1000", *variant_flags,
+                     "--train_minutes=10", "--model_dir=/tmp/unused"])
         cfg = train.config_from_flags()
         for flag in variant_flags:  # Each of the variant's flags has the value it gives (none is shadowed).
           key, _, value = flag.lstrip("-").partition("=")
