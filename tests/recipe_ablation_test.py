@@ -128,12 +128,16 @@ class RecipeAblationTest(tf.test.TestCase):
     self.assertIn("has no 'minutes'", result.stdout)  # Against minutes the same runs are refused.
 
 
-_PLOT = """
-import importlib.util, os, sys
+# The script in a process of its own (it defines absl flags at import, as train.py does), as `script`.
+_LOAD = """
+import importlib.util, json, os, sys
 spec = importlib.util.spec_from_file_location("recipe_ablation", "bench/recipe_ablation.py")
 script = importlib.util.module_from_spec(spec)
 sys.modules["recipe_ablation"] = script
 spec.loader.exec_module(script)
+"""
+
+_PLOT = _LOAD + """
 root = sys.argv[1]
 rows = [{"name": n, "top1": {}} for n in ("paper_recipe", "crops_0.9")]
 script.write_plot(rows, root, os.path.join(root, "plot"), x="epoch")
@@ -143,21 +147,11 @@ except ValueError as e:
   print(e)
 """
 
-_VARIANT_FLAGS = """
-import importlib.util, json, sys
-spec = importlib.util.spec_from_file_location("recipe_ablation", "bench/recipe_ablation.py")
-script = importlib.util.module_from_spec(spec)
-sys.modules["recipe_ablation"] = script
-spec.loader.exec_module(script)
+_VARIANT_FLAGS = _LOAD + """
 print(json.dumps({name: list(variant.flags) for name, variant in script.VARIANTS.items()}))
 """
 
-_BUDGETS = """
-import importlib.util, json, sys
-spec = importlib.util.spec_from_file_location("recipe_ablation", "bench/recipe_ablation.py")
-script = importlib.util.module_from_spec(spec)
-sys.modules["recipe_ablation"] = script
-spec.loader.exec_module(script)
+_BUDGETS = _LOAD + """
 root, lever, base = sys.argv[1], script.VARIANTS["crops_0.9"], script.VARIANTS["paper_recipe"]
 print(json.dumps({"lever": script.budget_flags(lever, root, 10.0, "paper_recipe"),
                   "base": script.budget_flags(base, root, 10.0, "paper_recipe"),
