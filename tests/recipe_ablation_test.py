@@ -90,7 +90,9 @@ class RecipeAblationTest(tf.test.TestCase):
                                                  "lever_alone": on_minutes,
                                                  "order": ["paper_recipe", "crops_0.9", "jitter_0"],
                                                  "order_alone": ["crops_0.9", "paper_recipe"],
-                                                 "order_finished": ["crops_0.9"]})
+                                                 "order_finished": ["crops_0.9"],
+                                                 # Against epochs only when all runs but one train another's epochs.
+                                                 "axes": ["epoch", "epoch", "minutes", "minutes", "minutes"]})
 
   def test_every_variant_is_a_valid_train_config_that_sets_its_flags(self):
     # A typo in a variant's flags would otherwise surface only when its turn comes, maybe an hour into a run.
@@ -159,7 +161,11 @@ print(json.dumps({"lever": script.budget_flags(lever, root, 10.0, "paper_recipe"
                   "order": script.training_order(["crops_0.9", "jitter_0", "paper_recipe"], root, "paper_recipe"),
                   "order_alone": script.training_order(["crops_0.9", "paper_recipe"], root),
                   # paper_recipe's run is finished in root: crops_0.9 may take its epochs without it.
-                  "order_finished": script.training_order(["crops_0.9"], root, "paper_recipe")}))
+                  "order_finished": script.training_order(["crops_0.9"], root, "paper_recipe"),
+                  "axes": [script.plot_axis([{"name": n} for n in names], epochs_of) for names, epochs_of in (
+                      (["paper_recipe", "bfloat16"], ""), (["paper_recipe", "crops_0.9"], "paper_recipe"),
+                      (["paper_recipe", "crops_0.9"], ""), (["paper_recipe", "crops_0.9", "bfloat16"], ""),
+                      (["paper_recipe"], ""))]}))
 """
 
 if __name__ == "__main__":
