@@ -35,15 +35,19 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from tf_instdisc import config as config_lib
 
 PRECISIONS = {"fp32": "off", "bf16": "bfloat16"}  # --precisions name -> ModelConfig.mixed_precision
-IMAGE_SHAPE = (32, 32, 3)
 NUM_DISTINCT_BATCHES = 8  # Pre-made batches the input pipeline cycles through.
 # Another run's figure, quoted in the task; never measured by this script.
 OFFICIAL_PYTORCH = {"images_per_sec": [51.0, 56.0], "arch": "resnet18_cifar", "batch_size": 128,
                     "precision": "fp32", "objective": "nce", "num_negatives": 4096,
                     "source": "quoted in the task for the official PyTorch code on this CPU; not measured here"}
-INPUT_NOTE = (f"synthetic float32 {IMAGE_SHAPE[0]}x{IMAGE_SHAPE[1]}x{IMAGE_SHAPE[2]} batches with random distinct "
-              f"instance ids, {NUM_DISTINCT_BATCHES} pre-made batches cycled by tf.data (from_tensor_slices, "
-              "repeat, prefetch): input cost ~0, no decoding or augmentation is timed")
+
+
+def input_note(shape: tuple[int, int, int]) -> str:
+  return (f"synthetic float32 {shape[0]}x{shape[1]}x{shape[2]} batches with random distinct instance ids, "
+          f"{NUM_DISTINCT_BATCHES} pre-made batches cycled by tf.data (from_tensor_slices, repeat, prefetch): input "
+          "cost ~0, no decoding or augmentation is timed")
+
+
 # --quick replaces these defaults (flags given on the command line still win).
 QUICK_DEFAULTS = {"archs": ["convnet_small"], "bank_sizes": ["1000"], "batch_size": 32, "num_negatives": 256,
                   "steps": 1, "repeats": 2, "warmup_steps": 1, "max_seconds": 10.0}
@@ -54,6 +58,9 @@ flags.DEFINE_list("bank_sizes", ["50000", "1281167"], "Memory-bank rows (= num_i
 flags.DEFINE_list("objectives", list(config_lib.OBJECTIVES), "Objectives: nce, softmax, parametric.")
 flags.DEFINE_list("precisions", list(PRECISIONS), "fp32 (mixed_precision=off) and/or bf16 (bfloat16).")
 flags.DEFINE_integer("batch_size", 128, "Global batch size.")
+flags.DEFINE_float("width_multiplier", 1.0, "Channel-width multiplier of the backbone (0.5: fashion_mnist.flags).")
+flags.DEFINE_list("image_shape", ["32", "32", "3"], "Height,width,channels of the synthetic images (28,28,1: "
+                  "Fashion-MNIST).")
 flags.DEFINE_integer("num_negatives", 4096, "NCE noise samples K.")
 flags.DEFINE_enum("negative_sampling", "shared", config_lib.NEGATIVE_SAMPLING,
                   "NCE negatives: shared (one draw per batch, the library default) or per_example.")
@@ -104,13 +111,26 @@ def _parse_cases() -> list[Case]:
       raise ValueError(f"--{name}: must be >= 1")
   if FLAGS.max_seconds <= 0:
     raise ValueError("--max_seconds: must be > 0")
+  image_shape()
   return [Case(a, p, n, o) for a in archs for p in precisions for n in bank_sizes for o in objectives]
+
+
+def image_shape() -> tuple[int, int, int]:
+  """--image_shape as (H, W, C); raises ValueError naming the flag."""
+  try:
+    shape = tuple(int(v) for v in FLAGS.image_shape)
+  except ValueError:
+    shape = ()
+  if len(shape) != 3 or min(shape) < 1:
+    raise ValueError(f"--image_shape: expected height,width,channels (positive integers), got {FLAGS.image_shape}")
+  return shape
 
 
 def make_config(case: Case) -> config_lib.Config:
   """The library config of one case, validated as train.py would (model_dir is never written)."""
   cfg = config_lib.Config(
-      model=config_lib.ModelConfig(arch=case.arch, mixed_precision=PRECISIONS[case.precision]),
+      model=config_lib.ModelConfig(arch=case.arch, mixed_precision=PRECISIONS[case.precision],
+                                   width_multiplier=FLAGS.width_multiplier),
       loss=config_lib.LossConfig(objective=case.objective, num_negatives=FLAGS.num_negatives,
                                  negative_sampling=FLAGS.negative_sampling),
       train=config_lib.TrainConfig(model_dir="unused-by-the-benchmark", batch_size=FLAGS.batch_size))
@@ -151,7 +171,7 @@ def _read(path: str) -> str:
 
 
 def make_synthetic_dataset(batch_size: int, num_instances: int, *, seed: int = 0):
-  """Endless batches {"image": float32 [B, 32, 32, 3] in [0, 255], "label", "instance_id": int64 [B]}.
+  """Endless batches {"image": float32 [B, *--image_shape] in [0, 255], "label", "instance_id": int64 [B]}.
 
   Ids are distinct within a batch (as in an epoch) and uniform over the bank, so lookups and writes touch rows
   all over it; a few pre-made batches are cycled, so the pipeline costs ~nothing.
@@ -162,7 +182,7 @@ def make_synthetic_dataset(batch_size: int, num_instances: int, *, seed: int = 0
   from tf_instdisc import data as data_lib
 
   rng = np.random.default_rng(seed)
-  shape = (NUM_DISTINCT_BATCHES, batch_size, *IMAGE_SHAPE)
+  shape = (NUM_DISTINCT_BATCHES, batch_size, *image_shape())
   ids = np.stack([rng.choice(num_instances, batch_size, replace=False) for _ in range(NUM_DISTINCT_BATCHES)])
   batches = {data_lib.IMAGE_KEY: rng.uniform(0.0, 255.0, shape).astype(np.float32),
              data_lib.LABEL_KEY: np.zeros(shape[:2], np.int64), data_lib.ID_KEY: ids.astype(np.int64)}
@@ -223,7 +243,7 @@ def build_runner(cfg: config_lib.Config, strategy, *, num_instances: int, encode
 
   batch_size = cfg.train.batch_size
   with strategy.scope():
-    state = train_lib.build_state(cfg, num_instances=num_instances, input_shape=IMAGE_SHAPE,
+    state = train_lib.build_state(cfg, num_instances=num_instances, input_shape=image_shape(),
                                   steps_per_epoch=max(num_instances // batch_size, 1))
   step_fn = make_encoder_step(state, cfg, global_batch_size=batch_size) if encoder_only else None  # None: the model's.
   return Runner(state, step_fn, strategy, make_synthetic_dataset(batch_size, num_instances))
@@ -376,11 +396,11 @@ def main(argv: list[str]) -> int:
     print(f"train_step_bench.py: {e}", file=sys.stderr)
     return 2
   settings = {name: FLAGS[name].value for name in
-              ("quick", "archs", "objectives", "precisions", "batch_size", "num_negatives", "negative_sampling",
-               "steps", "max_seconds", "repeats", "warmup_steps")}
+              ("quick", "archs", "objectives", "precisions", "batch_size", "width_multiplier", "image_shape",
+               "num_negatives", "negative_sampling", "steps", "max_seconds", "repeats", "warmup_steps")}
   settings.update(bank_sizes=sorted({case.bank_size for case in cases}), strategy="one_device")
-  report = {"benchmark": "train_step", "machine": machine_facts(), "settings": settings, "input": INPUT_NOTE,
-            "results": []}
+  report = {"benchmark": "train_step", "machine": machine_facts(), "settings": settings,
+            "input": input_note(image_shape()), "results": []}
   errors = run_all(cases, report)
   print(markdown(write_json(FLAGS.output, report)))
   print(f"\nResults: {FLAGS.output}")

@@ -54,12 +54,32 @@ class TrainStepBenchTest(tf.test.TestCase):
     self.assertIn("| arch | precision | objective | bank rows |", result.stdout)
     self.assertIn("QUOTED from another run, not measured here", result.stdout)
 
+  def test_the_fashion_mnist_step_is_measured_at_its_width_and_image_shape(self):
+    output = os.path.join(self.get_temp_dir(), "fashion.json")
+    result = run_bench("--quick", "--objectives=nce", "--precisions=fp32", "--width_multiplier=0.5",
+                       "--image_shape=28,28,1", f"--output={output}")
+    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    with open(output) as f:
+      report = json.load(f)
+    self.assertEqual((report["settings"]["width_multiplier"], report["settings"]["image_shape"]),
+                     (0.5, ["28", "28", "1"]))
+    self.assertIn("synthetic float32 28x28x1 batches", report["input"])
+    [row] = report["results"]
+    self.assertNotIn("error", row)
+    self.assertGreater(row["images_per_sec"], 0.0)
+
   def test_bad_flag_fails_before_measuring(self):
     output = os.path.join(self.get_temp_dir(), "bad.json")
     result = run_bench("--quick", "--num_negatives=5000", f"--output={output}")
     self.assertEqual(result.returncode, 2)
     self.assertIn("--num_negatives", result.stderr)
     self.assertFalse(os.path.exists(output))
+    for bad in ("--image_shape=28,28", "--image_shape=28,x,1", "--width_multiplier=0"):
+      with self.subTest(bad):
+        result = run_bench("--quick", bad, f"--output={output}")
+        self.assertEqual(result.returncode, 2)
+        self.assertIn(bad.split("=")[0], result.stderr)
+        self.assertFalse(os.path.exists(output))
 
 
 if __name__ == "__main__":
