@@ -486,7 +486,7 @@ class TrainMinutesTest(tf.test.TestCase):
   def test_epochs_are_the_minutes_over_the_measured_epoch_and_a_run_equals_one_given_those_epochs(self):
     timed, given = self.create_tempdir().full_path, self.create_tempdir().full_path
     # 4 steps per epoch (64 images, batch 16) at 0.5 s: 12 s of training fit 6 epochs.
-    with mock.patch.object(train_lib, "measure_step_seconds", return_value=0.5) as measure:
+    with mock.patch.object(train_lib, "measure_step_seconds", return_value=(0.5, 20)) as measure:
       train_lib.run(self._config(timed, epochs=99), self.strategy, self.source)
     measure.assert_called_once()
     with open(os.path.join(timed, checkpointing.CONFIG_FILE)) as f:
@@ -503,7 +503,7 @@ class TrainMinutesTest(tf.test.TestCase):
 
   def test_a_resume_keeps_the_epochs_and_another_budget_is_refused_changing_nothing(self):
     model_dir = self.create_tempdir().full_path
-    with mock.patch.object(train_lib, "measure_step_seconds", return_value=0.5):
+    with mock.patch.object(train_lib, "measure_step_seconds", return_value=(0.5, 20)):
       train_lib.run(self._config(model_dir), self.strategy, self.source)
     with mock.patch.object(train_lib, "measure_step_seconds", side_effect=AssertionError("measured again")):
       train_lib.run(self._config(model_dir), self.strategy, self.source)  # Complete: nothing to train, no measure.
@@ -528,7 +528,7 @@ class TrainMinutesTest(tf.test.TestCase):
 
   def test_a_budget_within_the_warmup_is_refused(self):
     model_dir = os.path.join(self.create_tempdir().full_path, "new")
-    with mock.patch.object(train_lib, "measure_step_seconds", return_value=10.0):  # 0.2 min: 1 epoch.
+    with mock.patch.object(train_lib, "measure_step_seconds", return_value=(10.0, 20)):  # 0.2 min: 1 epoch.
       with self.assertRaises(ValueError) as raised:
         train_lib.run(self._config(model_dir, warmup_epochs=1), self.strategy, self.source)
     self.assertEqual(str(raised.exception), "--train_minutes: 0.2 minutes fit 1 epoch(s) on this machine, not more "
@@ -539,14 +539,21 @@ class TrainMinutesTest(tf.test.TestCase):
     strategy = testing.two_replica_strategy()
     cfg = self._config("/tmp/unused")
     plan = train_lib.plan_run(cfg, self.source)
-    self.assertBetween(train_lib.measure_step_seconds(cfg, strategy, self.source, plan, steps=2), 1e-5, 30.0)
+    seconds, timed = train_lib.measure_step_seconds(cfg, strategy, self.source, plan, steps=2, warmup_steps=1,
+                                                    min_seconds=0.0)
+    self.assertBetween(seconds, 1e-5, 30.0)
+    self.assertEqual(timed, 2)
     self.assertEqual(train_lib._agreed_minimum(strategy, 7), 7)
 
-  def test_the_measurement_times_real_steps(self):
+  def test_the_measurement_times_real_steps_in_rounds_until_its_seconds_have_passed(self):
     cfg = self._config("/tmp/unused")
-    seconds = train_lib.measure_step_seconds(cfg, self.strategy, self.source,
-                                             train_lib.plan_run(cfg, self.source), steps=3)
+    plan = train_lib.plan_run(cfg, self.source)
+    seconds, timed = train_lib.measure_step_seconds(cfg, self.strategy, self.source, plan, steps=3, min_seconds=0.0)
     self.assertBetween(seconds, 1e-5, 30.0)
+    self.assertEqual(timed, 3)  # One round when no time is asked for.
+    seconds, timed = train_lib.measure_step_seconds(cfg, self.strategy, self.source, plan, steps=3, min_seconds=1.0)
+    self.assertEqual(timed % 3, 0)
+    self.assertGreaterEqual(seconds * timed, 1.0)  # Rounds went on until a second had passed.
 
 
 class RefusedStartTest(tf.test.TestCase):
