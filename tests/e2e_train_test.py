@@ -98,6 +98,7 @@ class SmokeTrainTest(absltest.TestCase):
     for name in ("config.json", "flags.txt", "run.json"):
       self.assertTrue(os.path.exists(os.path.join(model_dir, name)), name)
     self.assertIn("final kNN", result.stderr)
+    self.assertIn("--mixed_precision=off: float32", result.stderr)  # The precision the run resolved, on the console.
 
   def test_killed_run_resumes_from_its_last_checkpoint(self):
     model_dir = self.create_tempdir().full_path

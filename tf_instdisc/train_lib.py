@@ -328,8 +328,10 @@ class _Run:
                                               max_to_keep=cfg.train.keep_checkpoints)
     restored = checkpointing.restore_or_initialize(self.manager)
     self.step = int(self.state.model.step.numpy())
-    logging.info("%s at step %d (%s); %s, %d replica(s)", "resumed" if restored else "starting", self.step,
-                 restored or "no checkpoint", type(strategy).__name__, strategy.num_replicas_in_sync)
+    logging.info("%s at step %d (%s); %s, %d replica(s), --mixed_precision=%s: %s", "resumed" if restored else
+                 "starting", self.step, restored or "no checkpoint", type(strategy).__name__,
+                 strategy.num_replicas_in_sync, cfg.model.mixed_precision,
+                 model_lib.resolve_policy(cfg.model.mixed_precision))
     if restored is None and cfg.bank.bank_init == "features":
       self._initialize_bank_from_features()
     self.evaluator = self._build_evaluator()
