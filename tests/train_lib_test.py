@@ -543,7 +543,7 @@ class TrainMinutesTest(tf.test.TestCase):
                                                     min_seconds=0.0)
     self.assertBetween(seconds, 1e-5, 30.0)
     self.assertEqual(timed, 2)
-    self.assertEqual(train_lib._agreed_minimum(strategy, 7), 7)
+    self.assertEqual(train_lib._agreed(strategy, 7), 7)
 
   def test_the_measurement_times_real_steps_in_rounds_until_its_seconds_have_passed(self):
     cfg = self._config("/tmp/unused")
@@ -553,7 +553,8 @@ class TrainMinutesTest(tf.test.TestCase):
     self.assertEqual(timed, 3)  # One round when no time is asked for.
     seconds, timed = train_lib.measure_step_seconds(cfg, self.strategy, self.source, plan, steps=3, min_seconds=1.0)
     self.assertEqual(timed % 3, 0)
-    self.assertGreaterEqual(seconds * timed, 1.0)  # Rounds went on until a second had passed.
+    self.assertGreater(timed, 3)  # A round is far shorter than a second: more rounds were timed ...
+    self.assertGreater(seconds * timed, 0.5)  # ... about a second's worth (planned from the first round's time).
 
 
 class RefusedStartTest(tf.test.TestCase):

@@ -137,10 +137,10 @@ def distribute_dataset(strategy: tf.distribute.Strategy, dataset: tf.data.Datase
 
 
 # --train_minutes' measurement: after one untimed step that traces, CALIBRATION_WARMUP_STEPS untimed steps, then
-# timed rounds of CALIBRATION_STEPS until CALIBRATION_SECONDS have passed. 20 timed steps were too few: on
-# fashion_mnist.flags (2026-12-04, AMD EPYC with AVX512-BF16) they read 2,408 and 2,573 img/s in two repeats
-# minutes apart, 200 steps read 2,328 and 2,458, and the run averaged 2,330 (it trained 23.4 minutes on a
-# 20-minute budget; earlier runs 3-11% over).
+# timed rounds of CALIBRATION_STEPS, as many as the first one's time says fill CALIBRATION_SECONDS. 20 timed steps
+# were too few: on fashion_mnist.flags (2026-12-04, AMD EPYC with AVX512-BF16) they read 2,408 and 2,573 img/s
+# in two repeats minutes apart, 200 steps read 2,328 and 2,458, and the run averaged 2,330 (it trained 23.4
+# minutes on a 20-minute budget; earlier runs 3-11% over).
 CALIBRATION_WARMUP_STEPS = 10
 CALIBRATION_STEPS = 20
 CALIBRATION_SECONDS = 15.0
@@ -153,9 +153,9 @@ def measure_step_seconds(cfg: config_lib.Config, strategy: tf.distribute.Strateg
   """Seconds per training step on this machine: the real step and input pipeline, on a throwaway model.
 
   The model is built from cfg as a run builds it (so the same network, bank, objective and precision), trained for
-  one untimed step (tracing), `warmup_steps` untimed ones, then rounds of `steps` timed ones on epoch 0's batches
-  until `min_seconds` have passed (at least one round), then dropped: the run itself starts from its own freshly
-  built state, untouched by the measurement.
+  one untimed step (tracing), `warmup_steps` untimed ones, then rounds of `steps` timed ones on epoch 0's batches,
+  as many as the first round's time says fill `min_seconds` (at least one), then dropped: the run itself starts
+  from its own freshly built state, untouched by the measurement.
 
   Returns:
     (seconds per step, the number of timed steps).
@@ -170,19 +170,27 @@ def measure_step_seconds(cfg: config_lib.Config, strategy: tf.distribute.Strateg
   float(loop(iterator, tf.constant(1))["loss"])
   if warmup_steps:
     float(loop(iterator, tf.constant(warmup_steps))["loss"])
-  timed, start = 0, time.time()
-  while not timed or time.time() - start < min_seconds:
-    float(loop(iterator, tf.constant(steps))["loss"])
-    timed += steps
-  return (time.time() - start) / timed, timed
+  start = time.time()
+  float(loop(iterator, tf.constant(steps))["loss"])
+  first = time.time() - start
+  # How many more rounds comes from the first one's time, agreed by all workers: a clock per worker could stop
+  # them after different numbers of steps, and every step is a collective (a worker would wait for the others).
+  more = _agreed(strategy, max(0, math.ceil(min_seconds / max(first, 1e-9)) - 1), tf.reduce_max)
+  start = time.time()
+  if more:
+    float(loop(iterator, tf.constant(more * steps))["loss"])
+  timed = (1 + more) * steps
+  return (first + time.time() - start) / timed, timed
 
 
-def _agreed_minimum(strategy: tf.distribute.Strategy, value: int) -> int:
-  """The smallest of every worker's `value` (each worker measured its own): all of them train the same epochs."""
+def _agreed(strategy: tf.distribute.Strategy, value: int, reduce: Callable = tf.reduce_min) -> int:
+  """`reduce` (by default the smallest) of every worker's `value` (each worker measured its own), so all of them
+  take the same decision: the same epochs, the same timed steps."""
   if strategy.num_replicas_in_sync == 1:
     return value
   gathered = strategy.gather(strategy.run(lambda: tf.constant([value], tf.int64)), axis=0)
-  return int(tf.reduce_min(gathered))
+  return int(reduce(gathered))
+
 
 
 def epochs_for_budget(cfg: config_lib.Config, strategy: tf.distribute.Strategy, source: data_lib.DataSource,
@@ -213,7 +221,7 @@ def epochs_for_budget(cfg: config_lib.Config, strategy: tf.distribute.Strategy, 
     logging.info("--train_minutes=%g: %d epochs, as this run's start measured", minutes, epochs)
   else:
     seconds, timed_steps = measure_step_seconds(cfg, strategy, source, plan)
-    epochs = _agreed_minimum(strategy, max(1, math.floor(minutes * 60 / (seconds * plan.steps_per_epoch))))
+    epochs = _agreed(strategy, max(1, math.floor(minutes * 60 / (seconds * plan.steps_per_epoch))))
     logging.info("--train_minutes=%g: the training step takes %.3f s here (%.0f img/s, %d timed steps), an epoch "
                  "%s: %d epochs", minutes, seconds, plan.global_batch_size / seconds, timed_steps,
                  results_lib.format_seconds(seconds * plan.steps_per_epoch), epochs)
