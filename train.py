@@ -70,6 +70,13 @@ _HELP = {
                       "(--views=1). 0 = off, the paper.",
     "group_weight": "Weight of the group term.",
     "group_temperature": "Temperature of the group term's softmax over the centroids.",
+    "neighbours": "Each instance's M most similar other bank rows as further positives (in the spirit of AND, Huang "
+                  "et al. 2019); exact search over the whole bank, O(N^2 D). 0 = off, the paper.",
+    "neighbour_weight": "Weight of the neighbour positives' mean term.",
+    "neighbour_start": "Fraction of the epochs after which the neighbour positives start (the bank must mean "
+                       "something first).",
+    "neighbour_every_epochs": "Find the bank's nearest rows again every N epochs (each search costs one N x N pass "
+                              "over the bank).",
     "learning_rate": "Base learning rate of SGD.",
     "lr_schedule": "step (x lr_decay_factor at --lr_decay_epochs) or cosine.",
     "lr_decay_epochs": "Epochs at which the step schedule decays.",

@@ -92,6 +92,11 @@ VARIANTS = {v.name: v for v in (
     Variant("crops_1.0", "--crop_scale_min=1.0 (no crop: the whole image, flipped and jittered)",
             ("--crop_scale_min=1.0",)),
     Variant("tau_0.3", "--temperature=0.3", ("--temperature=0.3",)),
+    # The bank's nearest rows as positives (after AND, Huang et al., ICML 2019) over the second half of training.
+    Variant("neighbours_5", "--neighbours=5 (each image's 5 nearest bank rows as positives, weight 0.5, over the "
+            "second half of the epochs)", ("--neighbours=5",), "after Huang et al., ICML 2019"),
+    Variant("neighbours_1", "--neighbours=1 --neighbour_weight=1 (the nearest bank row as a positive, over the "
+            "second half of the epochs)", ("--neighbours=1", "--neighbour_weight=1"), "after Huang et al., ICML 2019"),
     Variant("bfloat16", "--mixed_precision=bfloat16 (same epochs as paper_recipe: a precision check, not a budget)",
             ("--mixed_precision=bfloat16",), same_epochs_as="paper_recipe"),
 )}

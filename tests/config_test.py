@@ -97,6 +97,12 @@ class ValidateTest(tf.test.TestCase, parameterized.TestCase):
       ("negative_group_weight", {"group_weight": -1.0}, "group_weight"),
       ("zero_group_temperature", {"group_temperature": 0.0}, "group_temperature"),
       ("negative_monitor_examples", {"monitor_examples": -5}, "monitor_examples"),
+      ("negative_neighbours", {"neighbours": -1}, "neighbours"),
+      ("neighbours_parametric", {"neighbours": 2, "objective": "parametric"}, "neighbours"),
+      ("negative_neighbour_weight", {"neighbour_weight": -0.5}, "neighbour_weight"),
+      ("neighbour_start_one", {"neighbour_start": 1.0}, "neighbour_start"),
+      ("negative_neighbour_start", {"neighbour_start": -0.1}, "neighbour_start"),
+      ("zero_neighbour_every_epochs", {"neighbour_every_epochs": 0}, "neighbour_every_epochs"),
   )
   def test_bad_value_names_its_flag(self, overrides, flag):
     cfg = testing.replace(testing.tiny_config(), **overrides)
@@ -108,6 +114,12 @@ class ValidateTest(tf.test.TestCase, parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, r"^--group_clusters: 17 groups need a global batch of at least as many "
                                 r"images \(--batch_size=16\)"):
       config_lib.validate_against_data(cfg, num_instances=64)
+
+  def test_as_many_neighbours_as_instances_is_refused(self):
+    cfg = testing.replace(testing.tiny_config(), neighbours=64)
+    with self.assertRaisesRegex(ValueError, r"^--neighbours: 64 neighbours need more instances than that \(64\)"):
+      config_lib.validate_against_data(cfg, num_instances=64)
+    config_lib.validate_against_data(testing.replace(cfg, neighbours=63), num_instances=64)
 
   def test_crop_scale_message_shows_both_values(self):
     cfg = testing.replace(testing.tiny_config(), crop_scale_min=0.9, crop_scale_max=0.5)

@@ -21,6 +21,7 @@ from tf_instdisc import backbones
 from tf_instdisc import callbacks
 from tf_instdisc import data as data_lib
 from tf_instdisc import instance_discrimination as id_lib
+from tf_instdisc import objectives
 from tf_instdisc import train_lib
 
 N, SIZE, BATCH = 32, 32, 8
@@ -208,6 +209,89 @@ class SaveLoadTest(tf.test.TestCase):
     unpooled = keras.Sequential([keras.layers.Conv2D(4, 3)])
     with self.assertRaisesRegex(ValueError, "features \\[B, F\\]"):
       id_lib.InstanceDiscrimination(unpooled, N).build((None, SIZE, SIZE, 3))
+
+
+class NeighbourTest(tf.test.TestCase, parameterized.TestCase):
+  """--neighbours: the bank's nearest rows as further positives, off until refresh_neighbours has found them."""
+
+  @parameterized.parameters("nce", "softmax")
+  def test_the_term_is_off_until_the_search_then_adds_its_weight_times_the_numpy_term(self, objective):
+    weight, temperature = 0.7, 0.1
+    plain, with_neighbours = (_model(objective=objective, neighbours=m, neighbour_weight=weight) for m in (0, 2))
+    batch = next(iter(_dataset(_images(), shuffle=False)))
+    ids = batch[1].numpy()
+    # Before a search: the loss of the plain model, exactly.
+    self.assertAllEqual(float(tf.function(with_neighbours.train_step)(batch)["loss"]),
+                        float(tf.function(plain.train_step)(batch)["loss"]))
+    self.assertFalse(with_neighbours.neighbours_found)
+    for model in (plain, with_neighbours):
+      model.trackers["loss"].reset_state()
+    with_neighbours.refresh_neighbours()
+    self.assertTrue(with_neighbours.neighbours_found)
+    bank = with_neighbours.bank.numpy()
+    table = with_neighbours._neighbour_ids.numpy()
+    self.assertAllEqual(table, objectives.nearest_rows(tf.constant(bank), num_neighbours=2))
+    features = with_neighbours(batch[0], training=True).numpy()  # The encoder has no batch norm: the step's.
+    loss_plain = float(tf.function(plain.train_step)(batch)["loss"])
+    loss = float(tf.function(with_neighbours.train_step)(batch)["loss"])
+    similarities = np.einsum("bd,bmd->bm", features, bank[table[ids]]).astype(np.float64)
+    if objective == "nce":  # -log h(neighbour), h = P / (P + K / N), P = exp(s / tau) / Z.
+      prob = np.exp(similarities / temperature) / float(with_neighbours.normalizer.numpy())
+      term = -np.log(prob / (prob + 16 / N))
+    else:  # -log of the softmax over all N bank rows.
+      all_logits = features.astype(np.float64) @ bank.T.astype(np.float64) / temperature
+      log_z = np.log(np.sum(np.exp(all_logits), axis=1, keepdims=True))
+      term = log_z - similarities / temperature
+    self.assertAllClose(loss - loss_plain, weight * np.mean(term), rtol=1e-4, atol=1e-4)
+
+  def test_the_table_stays_out_of_checkpoints_and_keras_files(self):
+    model = _model(neighbours=3)
+    model.refresh_neighbours()
+    root = self.create_tempdir().full_path
+    path = tf.train.Checkpoint(model=model).save(os.path.join(root, "ckpt"))
+    self.assertFalse([name for name, _ in tf.train.list_variables(path) if "neighbour" in name])
+    model.save(os.path.join(root, "model.keras"))
+    loaded = keras.models.load_model(os.path.join(root, "model.keras"))
+    self.assertEqual(loaded.get_config()["neighbours"], 3)
+    self.assertFalse(loaded.neighbours_found)  # Found again from the bank, not stored.
+
+  def test_fit_with_the_callback_searches_on_its_schedule(self):
+    model = _model(neighbours=2)
+    epochs = []
+    original = model.refresh_neighbours
+    with mock.patch.object(model, "refresh_neighbours",
+                           side_effect=lambda: (epochs.append(int(model.step.numpy()) // (N // BATCH)), original())):
+      history = model.fit(_dataset(_images()), epochs=4, verbose=0,
+                          callbacks=[tf_instdisc.NeighbourSearch(start=0.5, every_epochs=1)])
+    self.assertEqual(epochs, [2, 3])  # Before the third and the fourth epoch.
+    self.assertTrue(model.neighbours_found)
+    self.assertTrue(np.all(np.isfinite(history.history["loss"])))
+    with self.assertRaisesRegex(ValueError, "NeighbourSearch: the model was built without neighbours"):
+      _model().fit(_dataset(_images()), epochs=1, verbose=0, callbacks=[callbacks.NeighbourSearch()])
+    with self.assertRaisesRegex(ValueError, "NeighbourSearch: start must be in"):
+      callbacks.NeighbourSearch(start=1.0)
+
+  def test_two_replicas_share_one_table(self):
+    strategy = testing.two_replica_strategy()
+    with strategy.scope():
+      model = _model(neighbours=2)
+    history = model.fit(_dataset(_images()), epochs=2, verbose=0,
+                        callbacks=[callbacks.NeighbourSearch(start=0.0, every_epochs=1)])
+    self.assertTrue(np.all(np.isfinite(history.history["loss"])))
+    model.refresh_neighbours()  # From the bank as it is now (the last epoch moved the bank after its search).
+    tables = [v.numpy() for v in model._neighbour_ids.values]
+    self.assertLen(tables, 2)
+    self.assertAllEqual(tables[0], tables[1])
+    self.assertAllEqual(tables[0], objectives.nearest_rows(tf.constant(model.bank.values[0].numpy()),
+                                                           num_neighbours=2))
+
+  def test_bad_arguments_are_named(self):
+    for kwargs in ({"neighbours": -1}, {"neighbours": N}, {"neighbours": 2, "objective": "parametric"},
+                   {"neighbour_weight": -1.0}):
+      with self.assertRaisesRegex(ValueError, "InstanceDiscrimination neighbour"):
+        id_lib.InstanceDiscrimination(_sequential(), N, **kwargs)
+    with self.assertRaisesRegex(ValueError, "InstanceDiscrimination neighbours: the model was built with"):
+      _model().refresh_neighbours()
 
 
 class StepCounterTest(tf.test.TestCase):

@@ -416,3 +416,55 @@ class GroupTest(tf.test.TestCase, parameterized.TestCase):
     grad_features, grad_centroids = tape.gradient(loss, [features, centroids])
     self.assertIsNone(grad_centroids)
     self.assertTrue(np.all(np.isfinite(grad_features.numpy())))
+
+
+def numpy_nearest_rows(bank, num_neighbours):
+  """Each row's most similar other rows by an explicit loop over all pairs, nearest first."""
+  rows = []
+  for i in range(len(bank)):
+    scores = [(float(np.dot(bank[i], bank[j])), j) for j in range(len(bank)) if j != i]
+    rows.append([j for _, j in sorted(scores, key=lambda pair: -pair[0])[:num_neighbours]])
+  return np.array(rows)
+
+
+class NeighbourTest(tf.test.TestCase, parameterized.TestCase):
+
+  @parameterized.product(temperature=(0.07, 0.5), normalizer=(30.0, 2500.0), neighbours=(1, 3))
+  def test_nce_neighbour_loss_is_the_mean_positive_term_of_numpy(self, temperature, normalizer, neighbours):
+    similarities = _unit_similarities([4, neighbours], seed=31)
+    args = {"temperature": temperature, "num_instances": NUM_INSTANCES, "num_negatives": NUM_NEGATIVES,
+            "normalizer": tf.constant(normalizer)}
+    loss = objectives.nce_neighbour_loss(objectives.nce_logits(tf.constant(similarities), **args))
+    noise = NUM_NEGATIVES / NUM_INSTANCES
+    expected = np.zeros(4)
+    for b in range(4):
+      for j in range(neighbours):
+        prob = math.exp(float(similarities[b, j]) / temperature) / normalizer
+        expected[b] -= math.log(prob / (prob + noise)) / neighbours
+    self.assertEqual(loss.shape, (4,))
+    self.assertAllClose(loss, expected, rtol=1e-5, atol=1e-5)
+
+  @parameterized.product(temperature=(0.07, 0.5), neighbours=(1, 4))
+  def test_softmax_neighbour_loss_is_the_mean_cross_entropy_of_numpy(self, temperature, neighbours):
+    logits = _unit_similarities([3, 30], seed=32)
+    neighbour_ids = np.random.default_rng(33).integers(0, 30, [3, neighbours])
+    loss = objectives.softmax_neighbour_loss(tf.constant(logits), tf.constant(neighbour_ids),
+                                             temperature=temperature)
+    expected = np.mean([numpy_softmax_loss(logits, neighbour_ids[:, j], temperature=temperature)
+                        for j in range(neighbours)], axis=0)
+    self.assertAllClose(loss, expected, rtol=1e-5, atol=1e-5)
+
+  @parameterized.parameters((1, 64), (3, 7), (5, 1000))
+  def test_nearest_rows_match_numpy_in_any_chunks(self, neighbours, chunk):
+    bank = _unit_rows([50, 8], seed=34)
+    table = objectives.nearest_rows(tf.constant(bank), num_neighbours=neighbours, chunk=chunk)
+    self.assertEqual(table.dtype, tf.int64)
+    self.assertAllEqual(table, numpy_nearest_rows(bank, neighbours))
+
+  def test_a_duplicate_row_is_the_nearest_and_a_row_never_its_own(self):
+    bank = _unit_rows([20, 8], seed=35)
+    bank[7] = bank[3]
+    table = objectives.nearest_rows(tf.constant(bank), num_neighbours=2, chunk=6).numpy()
+    self.assertEqual(table[3, 0], 7)
+    self.assertEqual(table[7, 0], 3)
+    self.assertFalse(np.any(table == np.arange(20)[:, None]))

@@ -100,3 +100,27 @@ class BuildLrScheduleTest(tf.test.TestCase, parameterized.TestCase):
 
 if __name__ == "__main__":
   tf.test.main()
+
+
+class NeighbourScheduleTest(parameterized.TestCase):
+
+  @parameterized.parameters(
+      (10, 0.5, 1, (5, 6, 7, 8, 9)),
+      (10, 0.5, 2, (5, 7, 9)),
+      (59, 0.5, 5, (30, 35, 40, 45, 50, 55)),
+      (10, 0.0, 4, (0, 4, 8)),
+      (1, 0.5, 1, ()),  # ceil(0.5) = 1: past the only epoch.
+  )
+  def test_search_epochs(self, epochs, start, every, expected):
+    self.assertEqual(schedules.neighbour_search_epochs(epochs, start=start, every=every), expected)
+
+  @parameterized.parameters(
+      (5, 0, True),    # On the schedule.
+      (6, 0, False),   # Between searches.
+      (6, 6, True),    # A resume at epoch 6: no neighbours in memory, search now.
+      (3, 3, False),   # A resume before the schedule begins: nothing to find yet.
+      (5, 5, True),
+  )
+  def test_due(self, epoch, first_epoch, expected):
+    self.assertEqual(schedules.neighbour_search_due(epoch, epochs=10, start=0.5, every=2, first_epoch=first_epoch),
+                     expected)

@@ -179,6 +179,8 @@ class TrainStepTest(tf.test.TestCase, parameterized.TestCase):
       ("two_views_group", dict(objective="softmax", views=2, group_clusters=4)),
       ("two_views_group_nce_proximal", dict(objective="nce", views=2, group_clusters=3, proximal_lambda=0.1)),
       ("one_view_group", dict(objective="softmax", group_clusters=4)),
+      ("neighbours_nce", dict(objective="nce", neighbours=3)),
+      ("neighbours_two_views_softmax", dict(objective="softmax", views=2, neighbours=2)),
       ("blur_erasing", dict(blur_prob=0.5, erasing_prob=0.5)),
   )
   def test_every_mode_trains_with_finite_loss(self, overrides):
@@ -322,7 +324,8 @@ class RunTest(tf.test.TestCase):
 
   def test_time_accounts_add_up_to_the_wall_time(self):
     model_dir = self.create_tempdir().full_path
-    cfg = testing.tiny_config(model_dir, objective="softmax", epochs=3)
+    # --neighbours so that every part has time in it: the search runs before the third epoch.
+    cfg = testing.tiny_config(model_dir, objective="softmax", epochs=3, neighbours=2, neighbour_start=0.5)
     start = time.time()
     results = train_lib.run(cfg, distribute.make_strategy("one_device"), source=testing.tiny_source())
     measured = time.time() - start
@@ -349,6 +352,26 @@ class RunTest(tf.test.TestCase):
     second = _read_metrics(model_dir)[-1]["time"]
     self.assertGreater(second["train_seconds"], first["train_seconds"])
     self.assertBetween(second["wall_seconds"] - first["wall_seconds"], 0.0, time.time() - start)
+
+  def test_neighbour_searches_follow_the_schedule_and_a_resume_searches_again(self):
+    model_dir = self.create_tempdir().full_path
+    strategy, source = distribute.make_strategy("one_device"), testing.tiny_source()
+    epochs = []
+    original = instance_discrimination.InstanceDiscrimination.refresh_neighbours
+
+    def search(model):
+      epochs.append(int(model.step.numpy()) // 4)  # 4 steps per epoch: the epoch about to train, 0-based.
+      original(model)
+
+    overrides = dict(neighbours=2, neighbour_start=0.5, neighbour_every_epochs=5, final_eval=False)
+    with mock.patch.object(instance_discrimination.InstanceDiscrimination, "refresh_neighbours", search):
+      train_lib.run(testing.tiny_config(model_dir, epochs=3, **overrides), strategy, source=source)
+      self.assertEqual(epochs, [2])  # ceil(0.5 x 3) = 2.
+      # Resumed for a 4th epoch: the table is not in the checkpoint, so the first epoch of the resume searches.
+      train_lib.run(testing.tiny_config(model_dir, epochs=4, **overrides), strategy, source=source)
+    self.assertEqual(epochs, [2, 3])
+    timing = _read_metrics(model_dir)[-1]["time"]
+    self.assertGreater(timing["neighbours_seconds"], 0.0)
 
   def test_monitor_scores_a_fixed_subset_and_the_final_evaluation_all(self):
     model_dir = self.create_tempdir().full_path
@@ -525,6 +548,30 @@ class TrainMinutesTest(tf.test.TestCase):
                                 "--train_minutes=0.2. Resume with --train_minutes=0, or pass"):
       train_lib.run(self._config(model_dir), self.strategy, self.source)
     self.assertEqual(testing.digest(model_dir), before)
+
+  def test_the_neighbour_searches_share_the_budget(self):
+    loss = testing.tiny_config(neighbours=2, neighbour_start=0.5, neighbour_every_epochs=1).loss
+    # 10 epochs of 10 s fill 100 s; with a 5 s search before each epoch of the second half: 9 epochs take
+    # 90 + 4 x 5 = 110 s, 8 epochs 80 + 4 x 5 = 100 s.
+    self.assertEqual(train_lib.epochs_that_fit(100.0, epoch_seconds=10.0, search_seconds=5.0, loss=loss), 8)
+    self.assertEqual(train_lib.epochs_that_fit(100.0, epoch_seconds=10.0, search_seconds=0.0, loss=loss), 10)
+    self.assertEqual(train_lib.epochs_that_fit(5.0, epoch_seconds=10.0, search_seconds=5.0, loss=loss), 1)
+    model_dir = self.create_tempdir().full_path
+    # 4 steps per epoch at 0.5 s: 2 s an epoch, 12 s of budget; 4 epochs and 2 s searches before the last two.
+    with mock.patch.object(train_lib, "measure_step_seconds", return_value=(0.5, 20)), \
+         mock.patch.object(train_lib, "measure_neighbour_seconds", return_value=2.0) as search:
+      train_lib.run(self._config(model_dir, epochs=99, neighbours=2, neighbour_every_epochs=1), self.strategy,
+                    self.source)
+    search.assert_called_once()
+    self.assertEqual(len(_read_metrics(model_dir)), 4)
+
+  def test_the_neighbour_search_is_timed_on_a_bank_of_the_runs_shape(self):
+    cfg = testing.tiny_config(neighbours=2)
+    plan = train_lib.plan_run(cfg, self.source)
+    with mock.patch.object(train_lib.objectives, "nearest_rows", wraps=train_lib.objectives.nearest_rows) as search:
+      self.assertGreater(train_lib.measure_neighbour_seconds(cfg, plan), 0.0)
+    self.assertEqual(search.call_args.args[0].shape, (64, 16))
+    self.assertEqual(train_lib.measure_neighbour_seconds(testing.tiny_config(), plan), 0.0)
 
   def test_a_budget_within_the_warmup_is_refused(self):
     model_dir = os.path.join(self.create_tempdir().full_path, "new")

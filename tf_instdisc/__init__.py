@@ -1,8 +1,9 @@
 """tf_instdisc: unsupervised feature learning by non-parametric instance discrimination (Wu et al., CVPR 2018).
 
 The method as one Keras model: `tf_instdisc.InstanceDiscrimination(encoder, num_instances)`, with
-`tf_instdisc.with_instance_ids(dataset)`, the callbacks `tf_instdisc.KnnMonitor` and `tf_instdisc.Throughput`, and
-`tf_instdisc.export_model(model, images, export_dir)`; these load TensorFlow on first use.
+`tf_instdisc.with_instance_ids(dataset)`, the callbacks `tf_instdisc.KnnMonitor`, `tf_instdisc.Throughput` and
+`tf_instdisc.NeighbourSearch`, and `tf_instdisc.export_model(model, images, export_dir)`; these load TensorFlow on
+first use.
 
 Modules (one concept each): instance_discrimination (the method), callbacks, config, data, augment, backbones,
 model, memory_bank, objectives, distribute, schedules, checkpointing, knn, train_lib, export, index, artifact,
@@ -18,6 +19,7 @@ _LAZY = {
     "with_instance_ids": ("tf_instdisc.instance_discrimination", "with_instance_ids"),
     "KnnMonitor": ("tf_instdisc.callbacks", "KnnMonitor"),
     "Throughput": ("tf_instdisc.callbacks", "Throughput"),
+    "NeighbourSearch": ("tf_instdisc.callbacks", "NeighbourSearch"),
     "export_model": ("tf_instdisc.artifact", "export_model"),
 }
 

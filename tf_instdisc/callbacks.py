@@ -1,4 +1,5 @@
-"""Keras callbacks for InstanceDiscrimination.fit: a weighted-kNN monitor and a throughput meter.
+"""Keras callbacks for InstanceDiscrimination.fit: a weighted-kNN monitor, a throughput meter, and the neighbour
+search of a model built with neighbours > 0 (NeighbourSearch: without it the neighbour term stays off).
 
 Both write into the epoch's `logs`, so put them before TensorBoard, CSVLogger or ModelCheckpoint(monitor=...) in
 the callbacks list: Keras calls callbacks in list order and those read the same dict.
@@ -20,6 +21,7 @@ import tensorflow as tf
 
 from tf_instdisc import data as data_lib
 from tf_instdisc import knn
+from tf_instdisc import schedules
 
 
 def _embed_labelled(model: keras.Model, dataset: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
@@ -110,3 +112,36 @@ class Throughput(keras.callbacks.Callback):
   def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
     if logs is not None:
       logs["images_per_sec"] = self._steps * self.batch_size / max(time.time() - self._start, 1e-9)
+
+
+class NeighbourSearch(keras.callbacks.Callback):
+  """Finds the bank's nearest rows (`InstanceDiscrimination.refresh_neighbours`) before the epochs train.py's
+  --neighbour_start and --neighbour_every_epochs pick, for a model built with neighbours > 0. Put it in `fit`'s
+  callbacks; fit's `epochs` and `initial_epoch` set the schedule.
+
+  Args:
+    start: fraction of the epochs after which the neighbour term starts, in [0, 1).
+    every_epochs: search again every N epochs.
+  """
+
+  def __init__(self, start: float = 0.5, every_epochs: int = 5):
+    super().__init__()
+    if not 0.0 <= start < 1.0:
+      raise ValueError(f"NeighbourSearch: start must be in [0, 1), got {start}")
+    if every_epochs < 1:
+      raise ValueError(f"NeighbourSearch: every_epochs must be >= 1, got {every_epochs}")
+    self.start, self.every_epochs = start, every_epochs
+    self._first_epoch: int | None = None
+
+  def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+    if not getattr(self.model, "loss_config", None) or not self.model.loss_config.neighbours:
+      raise ValueError("NeighbourSearch: the model was built without neighbours (InstanceDiscrimination("
+                       "neighbours=M))")
+    self._first_epoch = None
+
+  def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+    if self._first_epoch is None:
+      self._first_epoch = epoch  # fit(initial_epoch=...) of a resume.
+    if schedules.neighbour_search_due(epoch, epochs=self.params["epochs"], start=self.start,
+                                      every=self.every_epochs, first_epoch=self._first_epoch):
+      self.model.refresh_neighbours()

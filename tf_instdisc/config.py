@@ -107,6 +107,14 @@ class LossConfig:
   group_clusters: int = 0
   group_weight: float = 0.25
   group_temperature: float = 0.2
+  # The bank's nearest rows as further positives, in the spirit of AND (Huang et al., ICML 2019): each instance's
+  # `neighbours` most similar other bank rows, found over the whole bank (exact, O(N^2 D)) at the start of every
+  # neighbour_every_epochs-th epoch from the fraction neighbour_start of the epochs on, add neighbour_weight times
+  # the mean of their positive terms. 0 neighbours: off (the paper).
+  neighbours: int = 0
+  neighbour_weight: float = 0.5
+  neighbour_start: float = 0.5
+  neighbour_every_epochs: int = 5
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -222,6 +230,12 @@ def validate(cfg: Config) -> Config:
          "the group term is for the non-parametric objectives (nce, softmax)")
   _check(loss.group_weight >= 0.0, "group_weight", "must be >= 0")
   _check(loss.group_temperature > 0.0, "group_temperature", "must be > 0")
+  _check(loss.neighbours >= 0, "neighbours", "must be >= 0 (0 = no neighbour positives)")
+  _check(loss.neighbours == 0 or loss.objective != "parametric", "neighbours",
+         "neighbour positives are bank rows: for the non-parametric objectives (nce, softmax)")
+  _check(loss.neighbour_weight >= 0.0, "neighbour_weight", "must be >= 0")
+  _check(0.0 <= loss.neighbour_start < 1.0, "neighbour_start", "must be in [0, 1) (a fraction of the epochs)")
+  _check(loss.neighbour_every_epochs >= 1, "neighbour_every_epochs", "must be >= 1")
   _check(o.learning_rate > 0.0, "learning_rate", "must be > 0")
   _check_choice(o.lr_schedule, "lr_schedule", LR_SCHEDULES)
   _check(list(o.lr_decay_epochs) == sorted(o.lr_decay_epochs) and all(x > 0 for x in o.lr_decay_epochs),
@@ -265,6 +279,8 @@ def validate_against_data(cfg: Config, *, num_instances: int) -> None:
   _check(cfg.loss.group_clusters <= cfg.train.batch_size, "group_clusters",
          f"{cfg.loss.group_clusters} groups need a global batch of at least as many images (--batch_size="
          f"{cfg.train.batch_size})")
+  _check(cfg.loss.neighbours < num_instances, "neighbours",
+         f"{cfg.loss.neighbours} neighbours need more instances than that ({num_instances})")
   _check(cfg.train.batch_size <= num_instances, "batch_size",
          f"{cfg.train.batch_size} is larger than the number of instances ({num_instances})")
 

@@ -7,7 +7,8 @@
   v_i <- normalise(m v_i + (1 - m) f)                  written in place, after the loss has read V (Sec. 3.2)
 
 Beyond the paper, each off by default: two views of every image with a symmetric loss (Ye et al., CVPR 2019) and
-a CLD-style group term (Wang et al., CVPR 2021). Shapes: B = per-replica batch, G = global batch, N =
+a CLD-style group term (Wang et al., CVPR 2021) and the bank's nearest rows as further positives (after AND, Huang
+et al., ICML 2019; `refresh_neighbours` finds them). Shapes: B = per-replica batch, G = global batch, N =
 num_instances, D = embedding_dim, K = num_negatives.
 
 Usage (any encoder mapping images to features [B, F], any dataset of (image, instance_id) pairs):
@@ -105,12 +106,14 @@ def _group_term(views: list[tf.Tensor], positives: tf.Tensor, cfg: config_lib.Lo
 
 def compute_objective(views: list[tf.Tensor], ids: tf.Tensor, *, bank: memory_bank.MemoryBank,
                       classifier: keras.layers.Layer | None, cfg: config_lib.LossConfig, proximal_lambda: float,
-                      noise_seed: tf.Tensor) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
+                      noise_seed: tf.Tensor, neighbour_ids: tf.Tensor | None = None,
+                      neighbour_weight: tf.Tensor | float = 0.0) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
   """Per-example loss [B] of the configured objective, reading (never writing) the bank; and diagnostics.
 
   `views` holds one [B, D] feature per augmented view (1 or 2). With two, each view's loss counts the other view's
   feature as a second positive and the per-example loss is the mean over both views (symmetric, Ye et al. 2019);
-  the group term (cfg.group_clusters > 0) is added with weight cfg.group_weight.
+  the group term (cfg.group_clusters > 0) is added with weight cfg.group_weight. With `neighbour_ids` [B, M] (the
+  examples' nearest bank rows), each view adds `neighbour_weight` times the mean positive term of those rows.
 
   Noise draws depend on (noise_seed, position in the global batch) only, never on the replica count: every
   replica draws the same shared K ids, or the same [global batch, K] block of which it takes its own rows. With
@@ -134,10 +137,20 @@ def compute_objective(views: list[tf.Tensor], ids: tf.Tensor, *, bank: memory_ba
     per_view = [objectives.nce_loss(logits(pos), logits(neg), neg_mask=neg_mask,
                                     view_logits=None if view is None else logits(view))
                 for pos, neg, view in zip(pos_similarity, neg_similarity, view_similarity)]
+    if neighbour_ids is not None:
+      neighbour_rows = bank.lookup(neighbour_ids)  # [B, M, D]
+      per_view = [loss + neighbour_weight * objectives.nce_neighbour_loss(
+                      logits(tf.einsum("bd,bmd->bm", features, neighbour_rows)))
+                  for loss, features in zip(per_view, views)]
   elif cfg.objective == "softmax":
-    per_view = [objectives.softmax_instance_loss(bank.similarities(features), ids, temperature=cfg.temperature,
-                                                 view_similarity=view)  # logits [B, N]
-                for features, view in zip(views, view_similarity)]
+    per_view = []
+    for features, view in zip(views, view_similarity):
+      similarities = bank.similarities(features)  # [B, N]
+      loss = objectives.softmax_instance_loss(similarities, ids, temperature=cfg.temperature, view_similarity=view)
+      if neighbour_ids is not None:
+        loss += neighbour_weight * objectives.softmax_neighbour_loss(similarities, neighbour_ids,
+                                                                     temperature=cfg.temperature)
+      per_view.append(loss)
   else:  # parametric: w_i . f, no temperature (paper Eq. 1); the weights' norm sets the scale.
     per_view = [objectives.softmax_instance_loss(classifier(features), ids, temperature=1.0) for features in views]
   per_example = tf.add_n(per_view) / len(views)
@@ -177,6 +190,10 @@ class InstanceDiscrimination(keras.Model):
     group_clusters: > 0 adds the group term with this many k-means groups of the global batch.
     group_weight: the group term's weight.
     group_temperature: the group term's temperature.
+    neighbours: M > 0 counts each instance's M nearest other bank rows as further positives, weighted
+      neighbour_weight, once `refresh_neighbours` has found them (train_lib and callbacks.NeighbourRefresh call it
+      on a schedule); until then the term is off.
+    neighbour_weight: the neighbour term's weight.
     head_batchnorm: batch-normalise the projection before the L2 norm (not in the paper).
     sync_batchnorm: the head's batch norm takes statistics over all replicas.
     weight_decay: coupled L2 on the trainable weights, added to the loss (PyTorch SGD's weight_decay, the paper's).
@@ -189,7 +206,8 @@ class InstanceDiscrimination(keras.Model):
                bank_momentum: float = 0.5, proximal_lambda: float = 0.0, negative_sampling: str = "shared",
                exclude_positive: bool = False, normalizer_momentum: float = 0.0, views: int = 1,
                group_clusters: int = 0, group_weight: float = 0.25, group_temperature: float = 0.2,
-               head_batchnorm: bool = False, sync_batchnorm: bool = False, weight_decay: float = 0.0,
+               neighbours: int = 0, neighbour_weight: float = 0.5, head_batchnorm: bool = False,
+               sync_batchnorm: bool = False, weight_decay: float = 0.0,
                bank_dtype: str = "float32", seed: int = 0, **kwargs):
     super().__init__(**kwargs)
     _check(isinstance(encoder, keras.layers.Layer), "encoder", f"must be a Keras layer or model, got {encoder!r}")
@@ -204,6 +222,10 @@ class InstanceDiscrimination(keras.Model):
     _check(negative_sampling in ("shared", "per_example"), "negative_sampling",
            f"got {negative_sampling!r}, expected shared or per_example")
     _check(group_clusters >= 0, "group_clusters", f"must be >= 0, got {group_clusters}")
+    _check(neighbours >= 0, "neighbours", f"must be >= 0, got {neighbours}")
+    _check(neighbours == 0 or objective != "parametric", "neighbours", "needs a non-parametric objective")
+    _check(neighbours < num_instances, "neighbours", f"must be < num_instances ({num_instances}), got {neighbours}")
+    _check(neighbour_weight >= 0.0, "neighbour_weight", f"must be >= 0, got {neighbour_weight}")
     _check(weight_decay >= 0.0, "weight_decay", f"must be >= 0, got {weight_decay}")
     self.encoder = encoder
     self.num_instances = int(num_instances)
@@ -215,7 +237,8 @@ class InstanceDiscrimination(keras.Model):
         objective=objective, temperature=float(temperature), num_negatives=int(num_negatives),
         negative_sampling=negative_sampling, exclude_positive=bool(exclude_positive),
         normalizer_momentum=float(normalizer_momentum), group_clusters=int(group_clusters),
-        group_weight=float(group_weight), group_temperature=float(group_temperature))
+        group_weight=float(group_weight), group_temperature=float(group_temperature), neighbours=int(neighbours),
+        neighbour_weight=float(neighbour_weight))
     # float32 head: the dot products with the bank and the temperature-scaled logits need the full mantissa.
     self.projection = layers.Dense(embedding_dim, dtype="float32", name="projection",
                                    kernel_initializer=keras.initializers.GlorotUniform(seed=seed))
@@ -235,6 +258,12 @@ class InstanceDiscrimination(keras.Model):
     self.step = self.add_weight(name="step", shape=(), dtype="int64", initializer="zeros", trainable=False,
                                 aggregation="only_first_replica")
     self.trackers = {name: keras.metrics.Mean(name=name) for name in METRIC_NAMES}
+    if neighbours:
+      # Recomputed from the bank whenever needed (`refresh_neighbours`), so kept out of checkpoints and saved
+      # models: set through __dict__, Keras and tf.train.Checkpoint do not track them. A resume finds them again.
+      self.__dict__["_neighbour_ids"] = tf.Variable(
+          tf.zeros([num_instances, neighbours], tf.int64), trainable=False, name="neighbour_ids")
+      self.__dict__["_neighbours_found"] = tf.Variable(False, trainable=False, name="neighbours_found")
     input_shape = _input_shape(encoder)
     if input_shape is not None:  # Built at once (what BackupAndRestore needs); else on the first batch.
       self.build((None, *input_shape))
@@ -252,6 +281,19 @@ class InstanceDiscrimination(keras.Model):
   def normalizer(self) -> tf.Variable:
     """NCE's constant Z (negative until the first NCE step sets it)."""
     return self.memory_bank.normalizer
+
+  @property
+  def neighbours_found(self) -> bool:
+    """Whether `refresh_neighbours` has run (the neighbour term is off until then)."""
+    return self.loss_config.neighbours > 0 and bool(self._neighbours_found.numpy())
+
+  def refresh_neighbours(self) -> None:
+    """Finds every bank row's `neighbours` nearest other rows (exact, over the whole bank) and turns the neighbour
+    term on. Cross-replica context (outside strategy.run): every replica gets the same table."""
+    _check(self.loss_config.neighbours > 0, "neighbours", "the model was built with neighbours=0")
+    table = objectives.nearest_rows(self.memory_bank.as_float32(), num_neighbours=self.loss_config.neighbours)
+    self._neighbour_ids.assign(table)
+    self._neighbours_found.assign(True)
 
   @property
   def metrics(self) -> list[keras.metrics.Metric]:
@@ -339,9 +381,15 @@ class InstanceDiscrimination(keras.Model):
       # Both views go through the network as one batch [V*B, ...]: one pass, batch statistics over both.
       features = tf.split(self(tf.concat(views, axis=0), training=True), len(views))  # each [B, D]
       variables = self.trainable_variables  # After the call: without a strategy, Keras builds on the first one.
+      neighbour_ids, neighbour_weight = None, 0.0
+      if self.loss_config.neighbours:
+        neighbour_ids = tf.gather(distribute.local_variable(self._neighbour_ids), ids)  # [B, M]
+        neighbour_weight = tf.where(distribute.local_variable(self._neighbours_found).read_value(),
+                                    self.loss_config.neighbour_weight, 0.0)
       per_example, diagnostics = compute_objective(
           features, ids, bank=self.memory_bank, classifier=self.classifier, cfg=self.loss_config,
-          proximal_lambda=self.proximal_lambda, noise_seed=noise_seed)
+          proximal_lambda=self.proximal_lambda, noise_seed=noise_seed, neighbour_ids=neighbour_ids,
+          neighbour_weight=neighbour_weight)
       # Divided by the global batch: apply_gradients sums the replicas' gradients, giving the global mean.
       loss = tf.nn.compute_average_loss(per_example)
       if self.weight_decay:
@@ -377,7 +425,8 @@ class InstanceDiscrimination(keras.Model):
             "proximal_lambda": self.proximal_lambda, "negative_sampling": cfg.negative_sampling,
             "exclude_positive": cfg.exclude_positive, "normalizer_momentum": cfg.normalizer_momentum,
             "views": self.views, "group_clusters": cfg.group_clusters, "group_weight": cfg.group_weight,
-            "group_temperature": cfg.group_temperature, "head_batchnorm": self.head_batchnorm,
+            "group_temperature": cfg.group_temperature, "neighbours": cfg.neighbours,
+            "neighbour_weight": cfg.neighbour_weight, "head_batchnorm": self.head_batchnorm,
             "sync_batchnorm": self.sync_batchnorm, "weight_decay": self.weight_decay,
             "bank_dtype": self.memory_bank.storage_dtype.name, "seed": self.seed}
 

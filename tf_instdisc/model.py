@@ -64,7 +64,8 @@ def build_model(cfg: config_lib.Config, *, num_instances: int, input_shape: tupl
       proximal_lambda=cfg.bank.proximal_lambda, negative_sampling=loss.negative_sampling,
       exclude_positive=loss.exclude_positive, normalizer_momentum=loss.normalizer_momentum, views=cfg.augment.views,
       group_clusters=loss.group_clusters, group_weight=loss.group_weight, group_temperature=loss.group_temperature,
-      head_batchnorm=cfg.model.head_batchnorm, sync_batchnorm=cfg.model.sync_batchnorm,
+      neighbours=loss.neighbours, neighbour_weight=loss.neighbour_weight, head_batchnorm=cfg.model.head_batchnorm,
+      sync_batchnorm=cfg.model.sync_batchnorm,
       weight_decay=cfg.optim.weight_decay, bank_dtype=cfg.bank.bank_dtype, seed=cfg.train.seed,
       name=f"{cfg.model.arch.replace('.', '_')}_instance_discrimination")
   if not model.built:

@@ -2,8 +2,9 @@
 
 Shapes: B = per-replica batch, N = num_instances, K = num_negatives, C = groups. Every loss returns [B] float32 and
 never reduces across examples or replicas: the train step does that once with tf.nn.compute_average_loss. Beyond
-the paper: a second view's feature as a further positive (Ye et al., CVPR 2019) and a group-level term against
-k-means centroids of the other view (in the spirit of CLD, Wang et al., CVPR 2021).
+the paper: a second view's feature as a further positive (Ye et al., CVPR 2019), a group-level term against
+k-means centroids of the other view (in the spirit of CLD, Wang et al., CVPR 2021) and the bank's nearest rows as
+further positives (in the spirit of AND, Huang et al., ICML 2019).
 """
 
 from __future__ import annotations
@@ -82,6 +83,59 @@ def softmax_instance_loss(logits: tf.Tensor, instance_ids: tf.Tensor, *, tempera
   log_probs = tf.nn.log_softmax(tf.concat([logits, view_similarity[:, None]], axis=1) / temperature)  # [B, N+1]
   bank_term = -tf.gather(log_probs, tf.cast(instance_ids, tf.int32), batch_dims=1)
   return 0.5 * (bank_term - log_probs[:, -1])
+
+
+def nce_neighbour_loss(neighbour_logits: tf.Tensor) -> tf.Tensor:
+  """Per-example mean of -log h(neighbour) over each example's bank neighbours: they count as positives.
+
+  Args:
+    neighbour_logits: [B, M] float32, `nce_logits` of the similarities to the M nearest bank rows.
+
+  Returns:
+    [B] float32.
+  """
+  return tf.reduce_mean(tf.nn.softplus(-neighbour_logits), axis=-1)
+
+
+def softmax_neighbour_loss(logits: tf.Tensor, neighbour_ids: tf.Tensor, *, temperature: float) -> tf.Tensor:
+  """Per-example mean of -log P(neighbour) under the softmax over all N bank rows (paper Eq. 2).
+
+  Args:
+    logits: [B, N] float32 similarities f . v_j (softmax_instance_loss's).
+    neighbour_ids: [B, M] int, in [0, N): each example's M nearest bank rows.
+    temperature: tau > 0.
+
+  Returns:
+    [B] float32.
+  """
+  log_probs = tf.nn.log_softmax(logits / temperature)  # [B, N]
+  return -tf.reduce_mean(tf.gather(log_probs, tf.cast(neighbour_ids, tf.int32), batch_dims=1), axis=-1)
+
+
+def nearest_rows(bank: tf.Tensor, *, num_neighbours: int, chunk: int = 4096) -> tf.Tensor:
+  """Each bank row's `num_neighbours` most similar other rows (cosine; exact, O(N^2 D)), nearest first.
+
+  Args:
+    bank: [N, D] float32, unit rows; N > num_neighbours.
+    num_neighbours: M >= 1.
+    chunk: rows compared with the whole bank at once ([chunk, N] similarities in memory).
+
+  Returns:
+    [N, M] int64 ids; a row is never its own neighbour.
+  """
+  bank = tf.convert_to_tensor(bank, tf.float32)
+  num_rows = int(bank.shape[0])
+  parts = [_nearest_of_rows(bank, tf.range(start, min(start + chunk, num_rows), dtype=tf.int64),
+                            num_neighbours=num_neighbours) for start in range(0, num_rows, chunk)]
+  return tf.concat(parts, axis=0)
+
+
+@tf.function(reduce_retracing=True)
+def _nearest_of_rows(bank: tf.Tensor, rows: tf.Tensor, *, num_neighbours: int) -> tf.Tensor:
+  similarities = tf.matmul(tf.gather(bank, rows), bank, transpose_b=True)  # [c, N]
+  itself = tf.range(tf.shape(bank, out_type=tf.int64)[0])[None] == rows[:, None]
+  similarities = tf.where(itself, -3.0, similarities)  # Below any cosine: a row is not its own neighbour.
+  return tf.cast(tf.math.top_k(similarities, k=num_neighbours).indices, tf.int64)
 
 
 def spherical_kmeans(features: tf.Tensor, *, num_clusters: int, iterations: int, seed: tf.Tensor

@@ -45,3 +45,17 @@ def build_lr_schedule(cfg: config_lib.OptimConfig, *, steps_per_epoch: int, epoc
       cfg.learning_rate, total_steps=steps_per_epoch * epochs, warmup_steps=steps_per_epoch * cfg.warmup_epochs,
       kind=cfg.lr_schedule, boundaries=tuple(steps_per_epoch * e for e in cfg.lr_decay_epochs),
       factor=cfg.lr_decay_factor)
+
+
+def neighbour_search_epochs(epochs: int, *, start: float, every: int) -> tuple[int, ...]:
+  """The 0-based epochs before which the bank's nearest rows are found again (--neighbours): from epoch
+  ceil(start * epochs) on, every `every` epochs. Empty when that first epoch is past the end."""
+  first = math.ceil(start * epochs)
+  return tuple(range(first, epochs, every))
+
+
+def neighbour_search_due(epoch: int, *, epochs: int, start: float, every: int, first_epoch: int) -> bool:
+  """Whether to search before `epoch`: on the schedule, or at `first_epoch` (the first this process trains: a
+  resume has no neighbours in memory) once the schedule has begun."""
+  scheduled = neighbour_search_epochs(epochs, start=start, every=every)
+  return epoch in scheduled or (epoch == first_epoch and bool(scheduled) and epoch > scheduled[0])

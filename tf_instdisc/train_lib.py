@@ -31,6 +31,7 @@ from tf_instdisc import knn
 from tf_instdisc import memory_bank
 from tf_instdisc import instance_discrimination
 from tf_instdisc import model as model_lib
+from tf_instdisc import objectives
 from tf_instdisc import results as results_lib
 from tf_instdisc import schedules
 
@@ -183,6 +184,27 @@ def measure_step_seconds(cfg: config_lib.Config, strategy: tf.distribute.Strateg
   return (first + time.time() - start) / timed, timed
 
 
+def measure_neighbour_seconds(cfg: config_lib.Config, plan: RunPlan) -> float:
+  """Seconds of one --neighbours search over a bank of this run's shape (random unit rows: the cost does not depend
+  on the values); 0 when the option is off."""
+  if not cfg.loss.neighbours:
+    return 0.0
+  rows = memory_bank.random_unit_rows(plan.num_instances, cfg.model.embedding_dim, seed=cfg.train.seed)
+  start = time.time()
+  objectives.nearest_rows(rows, num_neighbours=cfg.loss.neighbours).numpy()
+  return time.time() - start
+
+
+def epochs_that_fit(seconds: float, *, epoch_seconds: float, search_seconds: float,
+                    loss: config_lib.LossConfig) -> int:
+  """The most epochs (at least 1) whose steps and --neighbours searches take at most `seconds`."""
+  epochs = max(1, math.floor(seconds / epoch_seconds))
+  while epochs > 1 and epochs * epoch_seconds + search_seconds * len(schedules.neighbour_search_epochs(
+      epochs, start=loss.neighbour_start, every=loss.neighbour_every_epochs)) > seconds:
+    epochs -= 1
+  return epochs
+
+
 def _agreed(strategy: tf.distribute.Strategy, value: int, reduce: Callable = tf.reduce_min) -> int:
   """`reduce` (by default the smallest) of every worker's `value` (each worker measured its own), so all of them
   take the same decision: the same epochs, the same timed steps."""
@@ -199,7 +221,8 @@ def epochs_for_budget(cfg: config_lib.Config, strategy: tf.distribute.Strategy, 
 
   A model dir with a checkpoint keeps the epochs its run's start chose (config.json): a resume never re-measures,
   so its schedule is the one its first steps ran with. A fresh start measures (`measure_step_seconds`) and trains
-  floor(train_minutes * 60 / (seconds per step * steps per epoch)) epochs, at least 1.
+  floor(train_minutes * 60 / (seconds per step * steps per epoch)) epochs, at least 1 (fewer with --neighbours:
+  its searches are timed too and share the budget).
 
   Raises:
     ValueError: naming --train_minutes when a resume asks for another budget than its run's, or the budget fits no
@@ -221,28 +244,33 @@ def epochs_for_budget(cfg: config_lib.Config, strategy: tf.distribute.Strategy, 
     logging.info("--train_minutes=%g: %d epochs, as this run's start measured", minutes, epochs)
   else:
     seconds, timed_steps = measure_step_seconds(cfg, strategy, source, plan)
-    epochs = _agreed(strategy, max(1, math.floor(minutes * 60 / (seconds * plan.steps_per_epoch))))
+    search = measure_neighbour_seconds(cfg, plan)
+    epochs = _agreed(strategy, epochs_that_fit(minutes * 60, epoch_seconds=seconds * plan.steps_per_epoch,
+                                               search_seconds=search, loss=cfg.loss))
     logging.info("--train_minutes=%g: the training step takes %.3f s here (%.0f img/s, %d timed steps), an epoch "
-                 "%s: %d epochs", minutes, seconds, plan.global_batch_size / seconds, timed_steps,
-                 results_lib.format_seconds(seconds * plan.steps_per_epoch), epochs)
+                 "%s%s: %d epochs", minutes, seconds, plan.global_batch_size / seconds, timed_steps,
+                 results_lib.format_seconds(seconds * plan.steps_per_epoch),
+                 f", a --neighbours search {results_lib.format_seconds(search)}" if search else "", epochs)
   if cfg.optim.warmup_epochs >= epochs:
     raise ValueError(f"--train_minutes: {minutes:g} minutes fit {epochs} epoch(s) on this machine, not more than "
                      f"--warmup_epochs={cfg.optim.warmup_epochs}; give more minutes or fewer warm-up epochs")
   return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=epochs))
 
 
-TIME_PARTS = ("train", "monitor", "checkpoint", "final_eval")
+TIME_PARTS = ("train", "neighbours", "monitor", "checkpoint", "final_eval")
 
 
 class _Clock:
-  """Where a run's wall time goes: seconds in training steps, the kNN monitor, checkpoints and the final evaluation,
-  and the rest ("other": start-up, building datasets, logging). Totals carry over a resume from the last record.
+  """Where a run's wall time goes: seconds in training steps, --neighbours searches, the kNN monitor, checkpoints and
+  the final evaluation, and the rest ("other": start-up, building datasets, logging). Totals carry over a resume
+  from the last record.
   """
 
   def __init__(self, started_at: float):
     self.started_at = started_at
     self.totals = dict.fromkeys(TIME_PARTS, 0.0)
     self.previous_wall = 0.0  # Wall seconds of earlier processes of this run (a resume).
+    self.last_seconds = 0.0  # Of the last `measure`.
 
   def carry_over(self, record: dict[str, Any] | None) -> None:
     """Adds the cumulative times of the last kept metrics record (a resumed run continues its accounts)."""
@@ -257,7 +285,8 @@ class _Clock:
     try:
       yield
     finally:
-      self.totals[part] += time.time() - start
+      self.last_seconds = time.time() - start
+      self.totals[part] += self.last_seconds
 
   def summary(self) -> dict[str, float]:
     """{part_seconds..., other_seconds, wall_seconds}: the parts and other add up to the wall time."""
@@ -529,7 +558,15 @@ class _Run:
 
   def train(self) -> None:
     cfg, spe = self.cfg, self.plan.steps_per_epoch
-    for epoch in range(self.step // spe, cfg.train.epochs):
+    first_epoch = self.step // spe
+    for epoch in range(first_epoch, cfg.train.epochs):
+      if cfg.loss.neighbours and schedules.neighbour_search_due(
+          epoch, epochs=cfg.train.epochs, start=cfg.loss.neighbour_start, every=cfg.loss.neighbour_every_epochs,
+          first_epoch=first_epoch):
+        with self.clock.measure("neighbours"):
+          self.state.model.refresh_neighbours()
+        logging.info("epoch %d: found each bank row's %d nearest rows (%s)", epoch + 1, cfg.loss.neighbours,
+                     results_lib.format_seconds(self.clock.last_seconds))
       with self.clock.measure("train"):
         values = self._train_epoch(epoch)
       last = epoch + 1 == cfg.train.epochs
