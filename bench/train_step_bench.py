@@ -61,6 +61,9 @@ flags.DEFINE_integer("batch_size", 128, "Global batch size.")
 flags.DEFINE_float("width_multiplier", 1.0, "Channel-width multiplier of the backbone (0.5: fashion_mnist.flags).")
 flags.DEFINE_list("image_shape", ["32", "32", "3"], "Height,width,channels of the synthetic images (28,28,1: "
                   "Fashion-MNIST).")
+flags.DEFINE_bool("xla_encoder", False, "Compile the encoder-only baseline step with XLA (jit_compile): its ratio to "
+                  "the full step, against a run without, says what XLA buys the network's forward and backward. The "
+                  "full step itself cannot be compiled (the bank update's tf.unique has a data-dependent shape).")
 flags.DEFINE_integer("num_negatives", 4096, "NCE noise samples K.")
 flags.DEFINE_enum("negative_sampling", "shared", config_lib.NEGATIVE_SAMPLING,
                   "NCE negatives: shared (one draw per batch, the library default) or per_example.")
@@ -246,6 +249,10 @@ def build_runner(cfg: config_lib.Config, strategy, *, num_instances: int, encode
     state = train_lib.build_state(cfg, num_instances=num_instances, input_shape=image_shape(),
                                   steps_per_epoch=max(num_instances // batch_size, 1))
   step_fn = make_encoder_step(state, cfg, global_batch_size=batch_size) if encoder_only else None  # None: the model's.
+  if step_fn is not None and FLAGS.xla_encoder:
+    import tensorflow as tf
+
+    step_fn = tf.function(step_fn, jit_compile=True)
   return Runner(state, step_fn, strategy, make_synthetic_dataset(batch_size, num_instances))
 
 
@@ -397,7 +404,7 @@ def main(argv: list[str]) -> int:
     return 2
   settings = {name: FLAGS[name].value for name in
               ("quick", "archs", "objectives", "precisions", "batch_size", "width_multiplier", "image_shape",
-               "num_negatives", "negative_sampling", "steps", "max_seconds", "repeats", "warmup_steps")}
+               "num_negatives", "negative_sampling", "xla_encoder", "steps", "max_seconds", "repeats", "warmup_steps")}
   settings.update(bank_sizes=sorted({case.bank_size for case in cases}), strategy="one_device")
   report = {"benchmark": "train_step", "machine": machine_facts(), "settings": settings,
             "input": input_note(image_shape()), "results": []}

@@ -19,8 +19,8 @@ ROW_KEYS = ("arch", "precision", "objective", "bank_size", "batch_size", "images
 TIMEOUT_SECONDS = 300
 
 
-def run_bench(*args: str) -> subprocess.CompletedProcess:
-  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
+def run_bench(*args: str, log_level: str = "2") -> subprocess.CompletedProcess:
+  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": log_level, "CUDA_VISIBLE_DEVICES": ""}
   return subprocess.run([testing.python(), SCRIPT, *args], cwd=testing.REPO_ROOT, env=env, capture_output=True,
                         text=True, timeout=TIMEOUT_SECONDS, check=False)
 
@@ -67,6 +67,22 @@ class TrainStepBenchTest(tf.test.TestCase):
     [row] = report["results"]
     self.assertNotIn("error", row)
     self.assertGreater(row["images_per_sec"], 0.0)
+
+  def test_xla_encoder_compiles_the_baseline_step_with_xla(self):
+    output = os.path.join(self.get_temp_dir(), "xla.json")
+    result = run_bench("--quick", "--objectives=nce", "--precisions=fp32", "--xla_encoder", f"--output={output}",
+                       log_level="0")  # TensorFlow's INFO line says when XLA compiled a cluster.
+    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    self.assertIn("Compiled cluster using XLA", result.stderr)
+    with open(output) as f:
+      report = json.load(f)
+    self.assertTrue(report["settings"]["xla_encoder"])
+    [row] = report["results"]
+    self.assertNotIn("error", row)
+    self.assertGreater(row["encoder_images_per_sec"], 0.0)
+    without = run_bench("--quick", "--objectives=nce", "--precisions=fp32", f"--output={output}", log_level="0")
+    self.assertEqual(without.returncode, 0, without.stderr[-3000:])
+    self.assertNotIn("Compiled cluster using XLA", without.stderr)
 
   def test_bad_flag_fails_before_measuring(self):
     output = os.path.join(self.get_temp_dir(), "bad.json")
