@@ -45,7 +45,7 @@ class Variant:
 
 TWO_VIEWS = ("--views=2",)
 VARIANTS = {v.name: v for v in (
-    # The name is historic: this row is --base_flagfile as it stands (since 1dc382b, NCE with crops >= 80%), the
+    # The name is historic: this row is --base_flagfile as it stands (NCE; crops >= 80% since 1dc382b, >= 90% now), the
     # row every other variant changes; variants whose flags the base already sets (nce, crops_0.8) repeat it.
     Variant("paper_recipe", "the base flagfile as it stands (every other row changes it)"),
     Variant("two_views", "--views=2 (symmetric two-view loss)", TWO_VIEWS, "Ye et al., CVPR 2019"),
