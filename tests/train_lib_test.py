@@ -342,6 +342,14 @@ class RunTest(tf.test.TestCase):
     self.assertEqual(walls, sorted(walls))
     self.assertLess(walls[-1], timing["wall_seconds"])
 
+  def test_the_console_line_names_the_neighbour_searches_only_when_there_were_some(self):
+    clock = train_lib._Clock(time.time())
+    clock.totals["train"] = 60.0
+    self.assertRegex(clock.describe(), r"^wall \S+: train 1m00s \(\S+%\), monitor ")
+    self.assertNotIn("neighbours", clock.describe())
+    clock.totals["neighbours"] = 30.0
+    self.assertIn("neighbours 0m30s", clock.describe())
+
   def test_time_accounts_carry_over_a_resume(self):
     model_dir = self.create_tempdir().full_path
     strategy, source = distribute.make_strategy("one_device"), testing.tiny_source()

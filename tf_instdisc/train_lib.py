@@ -298,7 +298,8 @@ class _Clock:
     summary, fmt = self.summary(), results_lib.format_seconds
     wall = max(summary["wall_seconds"], 1e-9)
     shares = ", ".join(f"{part.replace('_', ' ')} {fmt(summary[f'{part}_seconds'])} "
-                       f"({100 * summary[f'{part}_seconds'] / wall:.1f}%)" for part in (*TIME_PARTS, "other"))
+                       f"({100 * summary[f'{part}_seconds'] / wall:.1f}%)" for part in (*TIME_PARTS, "other")
+                       if part != "neighbours" or summary["neighbours_seconds"])  # Only a --neighbours run has it.
     return f"wall {fmt(wall)}: {shares}"
 
 
