@@ -48,6 +48,8 @@ _HELP = {
     "width_multiplier": "Scales the channels of every layer of our own archs (0.5: about a quarter of the work per "
                         "image); keras.<Name> archs take only 1.",
     "head_batchnorm": "Batch-normalise the projection before the L2 norm (not in the paper; faster start).",
+    "head_hidden_dim": "Width of a hidden layer Dense -> BN -> ReLU before the projection (SimCLR's MLP head, Chen "
+                       "et al. 2020; not in the paper). 0 = the paper's linear projection.",
     "sync_batchnorm": "Batch-norm statistics over the global batch across replicas (results independent of the "
                       "replica count); off: per-replica statistics, as PyTorch DataParallel.",
     "mixed_precision": "off, auto (bfloat16 on CPU/TPU, float16 on GPU), bfloat16 or float16. "

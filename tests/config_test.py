@@ -103,6 +103,7 @@ class ValidateTest(tf.test.TestCase, parameterized.TestCase):
       ("neighbour_start_one", {"neighbour_start": 1.0}, "neighbour_start"),
       ("negative_neighbour_start", {"neighbour_start": -0.1}, "neighbour_start"),
       ("zero_neighbour_every_epochs", {"neighbour_every_epochs": 0}, "neighbour_every_epochs"),
+      ("negative_head_hidden_dim", {"head_hidden_dim": -8}, "head_hidden_dim"),
   )
   def test_bad_value_names_its_flag(self, overrides, flag):
     cfg = testing.replace(testing.tiny_config(), **overrides)

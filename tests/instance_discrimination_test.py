@@ -198,8 +198,21 @@ class SaveLoadTest(tf.test.TestCase):
     loaded.fit(_dataset(_images()), epochs=1, verbose=0)
     self.assertEqual(int(loaded.step.numpy()), 2 * N // BATCH)
 
+  def test_keras_file_round_trip_keeps_the_hidden_head_layer(self):
+    model = _model(_encoder("convnet_small"), head_batchnorm=True, head_hidden_dim=24)
+    model.fit(_dataset(_images()), epochs=1, verbose=0)
+    path = os.path.join(self.create_tempdir().full_path, "run.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    self.assertEqual(loaded.get_config()["head_hidden_dim"], 24)
+    self.assertEqual(loaded.head_hidden.kernel.shape, (model.encoder.output_shape[-1], 24))
+    images = _images(4, seed=5)
+    self.assertAllClose(loaded.predict(images, verbose=0), model.predict(images, verbose=0), atol=1e-6)
+    self.assertAllClose(loaded.embedding_model()(images), model(images), atol=1e-6)
+
   def test_bad_arguments_are_named(self):
     for kwargs, message in [({"objective": "triplet"}, "objective"), ({"views": 3}, "views"),
+                            ({"head_hidden_dim": -1}, "head_hidden_dim"),
                             ({"temperature": 0.0}, "temperature"), ({"bank_momentum": 1.0}, "bank_momentum"),
                             ({"negative_sampling": "hard"}, "negative_sampling")]:
       with self.assertRaisesRegex(ValueError, f"InstanceDiscrimination {message}"):

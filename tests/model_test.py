@@ -88,6 +88,35 @@ class EmbeddingModelTest(tf.test.TestCase, parameterized.TestCase):
     self.assertEqual(embeddings.dtype, tf.float32)
     self.assertAllClose(tf.norm(embeddings, axis=1), np.ones(4), atol=1e-5)
 
+  def test_head_hidden_layer_is_dense_bn_relu_before_the_projection_as_numpy(self):
+    model = model_lib.build_embedding_model("convnet_small", INPUT_SHAPE, embedding_dim=8, head_batchnorm=True,
+                                            head_hidden_dim=12)
+    self.assertEqual([layer.name for layer in model.layers[2:]],
+                     ["head_hidden", "head_hidden_bn", "head_hidden_relu", "projection", "projection_bn",
+                      "l2_normalize"])
+    hidden_bn, projection_bn = model.get_layer("head_hidden_bn"), model.get_layer("projection_bn")
+    rng = np.random.default_rng(0)
+    for bn in (hidden_bn, projection_bn):  # Moving statistics away from 0 / 1, so the test sees them used.
+      bn.set_weights([rng.uniform(0.5, 2.0, w.shape).astype("float32") if i in (0, 3) else
+                      rng.normal(size=w.shape).astype("float32") for i, w in enumerate(bn.get_weights())])
+    images = _images(4)
+    features = model_lib.backbone_of(model)(images).numpy()
+
+    def batchnorm(x, bn):
+      gamma, beta, mean, variance = bn.get_weights()
+      return gamma * (x - mean) / np.sqrt(variance + bn.epsilon) + beta
+
+    hidden = np.maximum(batchnorm(features @ model.get_layer("head_hidden").get_weights()[0], hidden_bn), 0.0)
+    kernel, bias = model.get_layer("projection").get_weights()
+    projected = batchnorm(hidden @ kernel + bias, projection_bn)
+    expected = projected / np.linalg.norm(projected, axis=1, keepdims=True)
+    self.assertEqual(model.get_layer("head_hidden").get_weights()[0].shape, (features.shape[1], 12))
+    self.assertAllClose(model(images, training=False), expected, atol=1e-5)
+
+  def test_no_head_hidden_layer_by_default(self):
+    model = model_lib.build_embedding_model("convnet_small", INPUT_SHAPE, embedding_dim=8)
+    self.assertEqual([layer.name for layer in model.layers[2:]], ["projection", "l2_normalize"])
+
   @parameterized.parameters("convnet_small", "resnet18_cifar")
   def test_sync_batchnorm_reaches_every_batchnorm(self, arch):
     def bn_layers(model):
@@ -95,9 +124,10 @@ class EmbeddingModelTest(tf.test.TestCase, parameterized.TestCase):
               if isinstance(layer, keras.layers.BatchNormalization)]
 
     synced = model_lib.build_embedding_model(arch, (16, 16, 3), embedding_dim=8, head_batchnorm=True,
-                                             sync_batchnorm=True)
-    local = model_lib.build_embedding_model(arch, (16, 16, 3), embedding_dim=8, head_batchnorm=True)
-    self.assertGreater(len(bn_layers(synced)), 2)
+                                             head_hidden_dim=8, sync_batchnorm=True)
+    local = model_lib.build_embedding_model(arch, (16, 16, 3), embedding_dim=8, head_batchnorm=True,
+                                            head_hidden_dim=8)
+    self.assertGreater(len(bn_layers(synced)), 3)
     self.assertTrue(all(layer.synchronized for layer in bn_layers(synced)))
     self.assertFalse(any(layer.synchronized for layer in bn_layers(local)))
 

@@ -245,6 +245,7 @@ class ReplicaEquivalenceTest(tf.test.TestCase, parameterized.TestCase):
       ("nce_shared", dict(objective="nce", negative_sampling="shared", num_negatives=8)),
       ("nce_per_example", dict(objective="nce", negative_sampling="per_example", num_negatives=8)),
       ("softmax_head_bn", dict(objective="softmax", head_batchnorm=True)),
+      ("nce_mlp_head", dict(objective="nce", num_negatives=8, head_batchnorm=True, head_hidden_dim=8)),
       ("proximal", dict(objective="softmax", proximal_lambda=0.1)),
       ("two_views_nce", dict(objective="nce", num_negatives=8, views=2)),
       ("two_views_group", dict(objective="softmax", views=2, group_clusters=4)),

@@ -71,6 +71,9 @@ class ModelConfig:
   # Batch-normalise the 128-d projection before the L2 norm. Not in the paper: an untrained network maps every
   # image near one common direction, and centring it spreads the embeddings from the first step on.
   head_batchnorm: bool = False
+  # Width H of a hidden layer in the projection head: Dense(H) -> BN -> ReLU before the projection to D (the MLP head
+  # of SimCLR, Chen et al. 2020, and MoCo v2). Not in the paper; 0 = its linear projection.
+  head_hidden_dim: int = 0
   # Batch-norm statistics over the global batch (all replicas) rather than each replica's share: results then do
   # not depend on the number of replicas. One all-reduce per BN layer per step. Keras' synchronised layer uses
   # E[x^2] - E[x]^2, so it is used on one replica too: the same formula everywhere keeps N-vs-1 runs within 1e-5.
@@ -214,6 +217,7 @@ def validate(cfg: Config) -> Config:
   _check(a.views in (1, 2), "views", f"must be 1 or 2, got {a.views}")
   _check_choice(m.arch, "arch", ARCHS + KERAS_ARCHS)
   _check(m.embedding_dim > 0, "embedding_dim", "must be > 0")
+  _check(m.head_hidden_dim >= 0, "head_hidden_dim", "must be >= 0 (0: the paper's linear projection)")
   check_width_multiplier(m.arch, m.width_multiplier)
   _check_choice(m.mixed_precision, "mixed_precision", MIXED_PRECISION)
   _check_choice(b.bank_init, "bank_init", BANK_INITS)

@@ -130,7 +130,7 @@ def build_extractor(model: keras.Model, layers: list[str], *, max_dims: int = DE
     features[name] = keras.layers.Flatten(name=f"{name}_flat")(x)
   if EMBEDDING in layers:
     x = pooled
-    for layer in model.layers[2:]:  # The head after the backbone: projection (+ BN) and the L2 norm.
+    for layer in model.layers[2:]:  # The head after the backbone: (hidden layer,) projection (+ BN), L2 norm.
       x = layer(x)
     features[EMBEDDING] = x
   return keras.Model(inputs, {name: features[name] for name in layers}, name="feature_extractor")

@@ -195,6 +195,8 @@ class InstanceDiscrimination(keras.Model):
       on a schedule); until then the term is off.
     neighbour_weight: the neighbour term's weight.
     head_batchnorm: batch-normalise the projection before the L2 norm (not in the paper).
+    head_hidden_dim: H > 0 puts a hidden layer Dense(H) -> BN -> ReLU before the projection (SimCLR's MLP head,
+      Chen et al. 2020; not in the paper); 0 keeps the paper's linear projection.
     sync_batchnorm: the head's batch norm takes statistics over all replicas.
     weight_decay: coupled L2 on the trainable weights, added to the loss (PyTorch SGD's weight_decay, the paper's).
     bank_dtype: "float32", "bfloat16" or "float16" storage of the bank.
@@ -207,7 +209,7 @@ class InstanceDiscrimination(keras.Model):
                exclude_positive: bool = False, normalizer_momentum: float = 0.0, views: int = 1,
                group_clusters: int = 0, group_weight: float = 0.25, group_temperature: float = 0.2,
                neighbours: int = 0, neighbour_weight: float = 0.5, head_batchnorm: bool = False,
-               sync_batchnorm: bool = False, weight_decay: float = 0.0,
+               head_hidden_dim: int = 0, sync_batchnorm: bool = False, weight_decay: float = 0.0,
                bank_dtype: str = "float32", seed: int = 0, **kwargs):
     super().__init__(**kwargs)
     _check(isinstance(encoder, keras.layers.Layer), "encoder", f"must be a Keras layer or model, got {encoder!r}")
@@ -227,6 +229,7 @@ class InstanceDiscrimination(keras.Model):
     _check(neighbours < num_instances, "neighbours", f"must be < num_instances ({num_instances}), got {neighbours}")
     _check(neighbour_weight >= 0.0, "neighbour_weight", f"must be >= 0, got {neighbour_weight}")
     _check(weight_decay >= 0.0, "weight_decay", f"must be >= 0, got {weight_decay}")
+    _check(head_hidden_dim >= 0, "head_hidden_dim", f"must be >= 0, got {head_hidden_dim}")
     self.encoder = encoder
     self.num_instances = int(num_instances)
     self.embedding_dim = int(embedding_dim)
@@ -240,6 +243,14 @@ class InstanceDiscrimination(keras.Model):
         group_weight=float(group_weight), group_temperature=float(group_temperature), neighbours=int(neighbours),
         neighbour_weight=float(neighbour_weight))
     # float32 head: the dot products with the bank and the temperature-scaled logits need the full mantissa.
+    self.head_hidden_dim = int(head_hidden_dim)
+    self.head_hidden = self.head_hidden_bn = self.head_hidden_relu = None
+    if head_hidden_dim:  # Attributes only when used: a linear-head model's checkpoints and saved files are unchanged.
+      self.head_hidden = layers.Dense(head_hidden_dim, use_bias=False, dtype="float32", name="head_hidden",
+                                      kernel_initializer=keras.initializers.GlorotUniform(seed=seed + 1))
+      self.head_hidden_bn = layers.BatchNormalization(momentum=0.9, epsilon=1e-5, dtype="float32",
+                                                      name="head_hidden_bn", synchronized=sync_batchnorm)
+      self.head_hidden_relu = layers.ReLU(dtype="float32", name="head_hidden_relu")
     self.projection = layers.Dense(embedding_dim, dtype="float32", name="projection",
                                    kernel_initializer=keras.initializers.GlorotUniform(seed=seed))
     self.projection_bn = None
@@ -309,6 +320,11 @@ class InstanceDiscrimination(keras.Model):
     _check(len(feature_shape) == 2, "encoder",
            f"must map images to features [B, F]; it gives shape {feature_shape} (use pooling='avg' or a pooling "
            "layer)")
+    if self.head_hidden is not None:
+      if not self.head_hidden.built:
+        self.head_hidden.build(feature_shape)
+        self.head_hidden_bn.build((None, self.head_hidden_dim))
+      feature_shape = (None, self.head_hidden_dim)
     if not self.projection.built:
       self.projection.build(feature_shape)
     if self.projection_bn is not None and not self.projection_bn.built:
@@ -319,7 +335,10 @@ class InstanceDiscrimination(keras.Model):
     """images [B, ...] (or a dict with "image") -> float32 [B, D], unit norm."""
     if isinstance(images, dict):
       images = images[IMAGE_KEY]
-    projected = self.projection(tf.cast(self.encoder(images, training=training), tf.float32))
+    features = tf.cast(self.encoder(images, training=training), tf.float32)
+    if self.head_hidden is not None:
+      features = self.head_hidden_relu(self.head_hidden_bn(self.head_hidden(features), training=training))
+    projected = self.projection(features)
     if self.projection_bn is not None:
       projected = self.projection_bn(projected, training=training)
     return self.normalize(projected)
@@ -332,12 +351,16 @@ class InstanceDiscrimination(keras.Model):
   def embedding_model(self, input_shape: tuple[int, ...] | None = None) -> keras.Model:
     """A functional model images -> embeddings sharing this model's layers (no bank): for export and evaluation.
 
-    Its layers are [input, encoder, projection, (projection_bn,) l2_normalize].
+    Its layers are [input, encoder, (head_hidden, head_hidden_bn, head_hidden_relu,) projection, (projection_bn,)
+    l2_normalize]: everything after the encoder is the head, applied in that order.
     """
     if input_shape is None:
       input_shape = tuple(self.encoder.input_shape[1:])
     inputs = keras.Input(input_shape, name="images")
-    projected = self.projection(self.encoder(inputs))
+    features = self.encoder(inputs)
+    if self.head_hidden is not None:
+      features = self.head_hidden_relu(self.head_hidden_bn(self.head_hidden(features)))
+    projected = self.projection(features)
     if self.projection_bn is not None:
       projected = self.projection_bn(projected)
     return keras.Model(inputs, self.normalize(projected), name=f"{self.encoder.name}_embedding")
@@ -427,6 +450,7 @@ class InstanceDiscrimination(keras.Model):
             "views": self.views, "group_clusters": cfg.group_clusters, "group_weight": cfg.group_weight,
             "group_temperature": cfg.group_temperature, "neighbours": cfg.neighbours,
             "neighbour_weight": cfg.neighbour_weight, "head_batchnorm": self.head_batchnorm,
+            "head_hidden_dim": self.head_hidden_dim,
             "sync_batchnorm": self.sync_batchnorm, "weight_decay": self.weight_decay,
             "bank_dtype": self.memory_bank.storage_dtype.name, "seed": self.seed}
 

@@ -65,7 +65,7 @@ def build_model(cfg: config_lib.Config, *, num_instances: int, input_shape: tupl
       exclude_positive=loss.exclude_positive, normalizer_momentum=loss.normalizer_momentum, views=cfg.augment.views,
       group_clusters=loss.group_clusters, group_weight=loss.group_weight, group_temperature=loss.group_temperature,
       neighbours=loss.neighbours, neighbour_weight=loss.neighbour_weight, head_batchnorm=cfg.model.head_batchnorm,
-      sync_batchnorm=cfg.model.sync_batchnorm,
+      head_hidden_dim=cfg.model.head_hidden_dim, sync_batchnorm=cfg.model.sync_batchnorm,
       weight_decay=cfg.optim.weight_decay, bank_dtype=cfg.bank.bank_dtype, seed=cfg.train.seed,
       name=f"{cfg.model.arch.replace('.', '_')}_instance_discrimination")
   if not model.built:
@@ -75,7 +75,8 @@ def build_model(cfg: config_lib.Config, *, num_instances: int, input_shape: tupl
 
 def build_embedding_model(arch: str, input_shape: tuple[int, int, int], *, embedding_dim: int,
                           policy: str = "float32", seed: int = 0, head_batchnorm: bool = False,
-                          sync_batchnorm: bool = False, width_multiplier: float = 1.0) -> keras.Model:
+                          sync_batchnorm: bool = False, width_multiplier: float = 1.0,
+                          head_hidden_dim: int = 0) -> keras.Model:
   """Builds backbone -> Dense(embedding_dim) -> L2 normalise (InstanceDiscrimination's layers, without a bank).
 
   Args:
@@ -87,16 +88,17 @@ def build_embedding_model(arch: str, input_shape: tuple[int, int, int], *, embed
     head_batchnorm: batch-normalise the projection before the L2 norm (not in the paper; see ModelConfig).
     sync_batchnorm: every BatchNormalization takes its statistics over all replicas (ModelConfig).
     width_multiplier: scales the backbone's channels (ModelConfig).
+    head_hidden_dim: width of the head's hidden layer (0: none; ModelConfig).
 
   Returns:
     A functional keras.Model, images [B, H, W, C] -> float32 [B, D], unit norm; layers [input, backbone,
-    projection, (projection_bn,) l2_normalize].
+    (head_hidden, head_hidden_bn, head_hidden_relu,) projection, (projection_bn,) l2_normalize].
   """
   backbone = backbones.build_backbone(arch, input_shape, policy=policy, seed=seed, sync_batchnorm=sync_batchnorm,
                                       width_multiplier=width_multiplier)
   model = instance_discrimination.InstanceDiscrimination(
-      backbone, 1, embedding_dim=embedding_dim, head_batchnorm=head_batchnorm, sync_batchnorm=sync_batchnorm,
-      seed=seed)
+      backbone, 1, embedding_dim=embedding_dim, head_batchnorm=head_batchnorm, head_hidden_dim=head_hidden_dim,
+      sync_batchnorm=sync_batchnorm, seed=seed)
   return model.embedding_model(input_shape)
 
 
