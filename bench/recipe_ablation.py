@@ -8,11 +8,14 @@ its own flags, in ROOT/<name>, with `--train_minutes=MINUTES`: each run times it
 trains as many epochs as fit in --minutes of training steps, so every variant gets the same wall-clock budget here
 (a cheaper step buys more epochs). A variant with `same_epochs_as` (the precision check) trains instead the epochs
 that variant's run chose, and with --epochs_of=NAME every variant but NAME trains the epochs NAME's run chose
-(equal epochs, for levers that leave an epoch's cost alone). The table shows the epochs and the wall time each
-really took. Each run is then scored by `evaluate.py --protocol=knn --knn_k=10,20,50,200` on the 5,000 held-out
-train images (never the test set): embedding, pooled backbone and raw pixels. A rerun skips finished runs and
-evaluations. Writes OUTPUT.md (a table), OUTPUT.json and OUTPUT.png (the bank-kNN monitor against wall minutes;
-against epochs when every variant but one trains its epochs: --epochs_of, or bfloat16 beside paper_recipe).
+(equal epochs, for levers that leave an epoch's cost alone); a variant whose epoch costs more (two views, the exact
+softmax: its `cost`) trains that many epochs divided by its cost instead (equal compute). --epochs=N makes the runs
+without such a source train N epochs instead of --minutes (the same work on any host). The table shows the epochs
+and the wall time each really took. Each run is then scored by `evaluate.py --protocol=knn --knn_k=10,20,50,200`
+on the 5,000 held-out train images (never the test set): embedding, pooled backbone and raw pixels. A rerun skips
+finished runs and evaluations. Writes OUTPUT.md (a table), OUTPUT.json and OUTPUT.png (the bank-kNN monitor against
+wall minutes; against epochs when every variant but one trains its epochs: --epochs_of, or bfloat16 beside
+paper_recipe).
 """
 
 from __future__ import annotations
@@ -41,18 +44,24 @@ class Variant:
   flags: tuple[str, ...] = ()
   source: str = ""
   same_epochs_as: str = ""  # Train the epochs this variant's run chose, not a time budget.
+  # Compute of one epoch relative to the base's, measured on this project's CPUs: a variant that trains another
+  # run's epochs (--epochs_of) trains round(epochs / cost) of them, the same compute as that run.
+  cost: float = 1.0
 
 
 TWO_VIEWS = ("--views=2",)
+# Two views: two forward-backward passes per image, 1.9x the base's seconds per epoch in the run of 2026-12-06.
+TWO_VIEWS_COST = 2.0
 VARIANTS = {v.name: v for v in (
     # The name is historic: this row is --base_flagfile as it stands (NCE; crops >= 80% since 1dc382b, >= 90% now), the
     # row every other variant changes; variants whose flags the base already sets (nce, crops_0.8) repeat it.
     Variant("paper_recipe", "the base flagfile as it stands (every other row changes it)"),
-    Variant("two_views", "--views=2 (symmetric two-view loss)", TWO_VIEWS, "Ye et al., CVPR 2019"),
+    Variant("two_views", "--views=2 (symmetric two-view loss)", TWO_VIEWS, "Ye et al., CVPR 2019",
+            cost=TWO_VIEWS_COST),
     Variant("group", "--group_clusters=32 (CLD-style group term against the bank rows' groups, one view)",
             ("--group_clusters=32",), "after Wang et al., CVPR 2021"),
     Variant("two_views_group", "--views=2 --group_clusters=32 (CLD-style group term)",
-            (*TWO_VIEWS, "--group_clusters=32"), "Wang et al., CVPR 2021"),
+            (*TWO_VIEWS, "--group_clusters=32"), "Wang et al., CVPR 2021", cost=TWO_VIEWS_COST),
     Variant("nce", "--objective=nce --num_negatives=4096 (faster steps, more epochs)",
             ("--objective=nce", "--num_negatives=4096", "--normalizer_momentum=0.9")),
     Variant("mild_crops", "--crop_scale_min=0.6 --blur_prob=0.3 --erasing_prob=0.3",
@@ -97,6 +106,18 @@ VARIANTS = {v.name: v for v in (
             "second half of the epochs)", ("--neighbours=5",), "after Huang et al., ICML 2019"),
     Variant("neighbours_1", "--neighbours=1 --neighbour_weight=1 (the nearest bank row as a positive, over the "
             "second half of the epochs)", ("--neighbours=1", "--neighbour_weight=1"), "after Huang et al., ICML 2019"),
+    # On top of the flagfile with crops >= 90% (2026-12-06): the paper's exact softmax and the two-view option at
+    # equal compute, head capacity, and the augmentations and bank settings not yet measured on this recipe.
+    Variant("softmax", "--objective=softmax (the paper's exact softmax over the bank; about 1.75x an NCE epoch)",
+            ("--objective=softmax",), "Wu et al. 2018", cost=1.75),
+    Variant("mlp_head_512", "--head_hidden_dim=512 (an MLP projection head: Dense 512 -> BN -> ReLU first)",
+            ("--head_hidden_dim=512",), "Chen et al. 2020 (SimCLR)"),
+    Variant("no_flip", "--nohorizontal_flip (no left-right flips)", ("--nohorizontal_flip",)),
+    Variant("momentum_0.8", "--bank_momentum=0.8 (bank rows move slower)", ("--bank_momentum=0.8",)),
+    Variant("blur_0.25", "--blur_prob=0.25 (Gaussian blur, sigma 0.1-2 px, of a quarter of the crops)",
+            ("--blur_prob=0.25",)),
+    Variant("erasing_0.25", "--erasing_prob=0.25 (a random 2-25% rectangle erased in a quarter of the crops)",
+            ("--erasing_prob=0.25",), "Zhong et al., AAAI 2020"),
     Variant("bfloat16", "--mixed_precision=bfloat16 (same epochs as paper_recipe: a precision check, not a budget)",
             ("--mixed_precision=bfloat16",), same_epochs_as="paper_recipe"),
 )}
@@ -105,6 +126,8 @@ flags.DEFINE_string("root", None, "Directory of the variants' runs.", required=T
 flags.DEFINE_list("variants", ["all"], f"Variants to run: all, or some of {', '.join(VARIANTS)}.")
 flags.DEFINE_float("minutes", 8.0, "Training budget of every variant: train.py --train_minutes.")
 flags.DEFINE_string("output", "", "OUTPUT.md and OUTPUT.json (default ROOT/recipe_ablation).")
+flags.DEFINE_integer("epochs", 0, "If > 0: every run that takes its epochs from no other run (the --epochs_of run, "
+                     "or all of them) trains this many epochs instead of --minutes: the same work on any host.")
 flags.DEFINE_list("extra_flags", [], "train.py flags added to every variant (e.g. --mixed_precision=off).")
 flags.DEFINE_string("base_flagfile", "fashion_mnist.flags", "The flagfile every variant starts from.")
 flags.DEFINE_integer("validation_examples", 5000, "Train images held out to score the variants on.")
@@ -139,13 +162,16 @@ def training_order(names: list[str], root: str, epochs_of: str = "") -> list[str
   return first + [n for n in names if n not in first]
 
 
-def budget_flags(variant: Variant, root: str, minutes: float, epochs_of: str = "") -> list[str]:
-  """The variant's train.py flags that set how long it trains: --minutes, or the epochs another run chose."""
+def budget_flags(variant: Variant, root: str, minutes: float, epochs_of: str = "", epochs: int = 0) -> list[str]:
+  """The variant's train.py flags that set how long it trains: --epochs or --minutes, or the epochs another run
+  chose divided by the variant's cost (equal compute)."""
   source = epochs_source(variant, epochs_of)
   if not source:
-    return [f"--train_minutes={minutes:g}", "--lr_schedule=cosine"]
+    return ["--train_minutes=0", f"--epochs={epochs}"] if epochs else [f"--train_minutes={minutes:g}",
+                                                                        "--lr_schedule=cosine"]
   with open(os.path.join(root, source, "config.json")) as f:
-    return ["--train_minutes=0", f"--epochs={json.load(f)['train']['epochs']}"]
+    source_epochs = json.load(f)["train"]["epochs"]
+  return ["--train_minutes=0", f"--epochs={max(1, round(source_epochs / variant.cost))}"]
 
 
 def _run(command: list[str], log_path: str) -> None:
@@ -158,12 +184,13 @@ def base_flags() -> list[str]:
           f"--monitor_examples={min(MONITOR_EXAMPLES, FLAGS.validation_examples)}"]
 
 
-def train_and_score(variant: Variant, root: str, minutes: float, extra: list[str], epochs_of: str = "") -> dict:
+def train_and_score(variant: Variant, root: str, minutes: float, extra: list[str], epochs_of: str = "",
+                    epochs: int = 0) -> dict:
   """Trains the variant (unless finished), scores it with evaluate.py (unless scored); returns its row."""
   model_dir = os.path.join(root, variant.name)
   final = os.path.join(model_dir, "final_metrics.json")
   if not os.path.exists(final):
-    budget = budget_flags(variant, root, minutes, epochs_of)
+    budget = budget_flags(variant, root, minutes, epochs_of, epochs)
     print(f"training {variant.name}: {' '.join(budget)}", flush=True)
     _run([sys.executable, "train.py", *base_flags(), *variant.flags, *extra, *budget, f"--model_dir={model_dir}"],
          os.path.join(root, f"{variant.name}.log"))
@@ -235,6 +262,9 @@ def main(argv: list[str]) -> int:
     print(f"recipe_ablation.py: --variants: unknown {', '.join(unknown)}; expected all or some of "
           f"{', '.join(VARIANTS)}", file=sys.stderr)
     return 2
+  if FLAGS.epochs < 0:
+    print(f"recipe_ablation.py: --epochs: must be >= 0 (0: train --minutes), got {FLAGS.epochs}", file=sys.stderr)
+    return 2
   if FLAGS.epochs_of and FLAGS.epochs_of not in VARIANTS:
     print(f"recipe_ablation.py: --epochs_of: unknown {FLAGS.epochs_of}", file=sys.stderr)
     return 2
@@ -249,7 +279,8 @@ def main(argv: list[str]) -> int:
   rows = []
   for name in names:
     start = time.time()
-    rows.append(train_and_score(VARIANTS[name], FLAGS.root, FLAGS.minutes, FLAGS.extra_flags, FLAGS.epochs_of))
+    rows.append(train_and_score(VARIANTS[name], FLAGS.root, FLAGS.minutes, FLAGS.extra_flags, FLAGS.epochs_of,
+                                FLAGS.epochs))
     print(f"{name}: k=200 {100 * rows[-1]['top1']['embedding'][200]:.2f}% ({time.time() - start:.0f} s)", flush=True)
     write_table(rows, output, command)
     write_plot(rows, FLAGS.root, output, x=plot_axis(rows, FLAGS.epochs_of))

@@ -63,6 +63,13 @@ class RecipeAblationTest(tf.test.TestCase):
     self.assertIn("--variants: unknown bigger_batch", result.stderr)
     self.assertFalse(os.path.exists(root))
 
+  def test_negative_epochs_are_refused_before_anything_runs(self):
+    root = os.path.join(self.create_tempdir().full_path, "never")
+    result = run_ablation(f"--root={root}", "--variants=paper_recipe", "--epochs=-3")
+    self.assertEqual(result.returncode, 2)
+    self.assertIn("--epochs: must be >= 0", result.stderr)
+    self.assertFalse(os.path.exists(root))
+
   def test_epochs_of_must_be_one_of_the_variants(self):
     root = os.path.join(self.create_tempdir().full_path, "never")
     result = run_ablation(f"--root={root}", "--variants=crops_0.9,jitter_0", "--epochs_of=paper_recipe")
@@ -88,6 +95,12 @@ class RecipeAblationTest(tf.test.TestCase):
     on_minutes = ["--train_minutes=10", "--lr_schedule=cosine"]
     self.assertEqual(json.loads(result.stdout), {"lever": ["--train_minutes=0", "--epochs=7"], "base": on_minutes,
                                                  "lever_alone": on_minutes,
+                                                 # Equal compute: 7 / 2 and 7 / 1.75 epochs, rounded.
+                                                 "two_views": ["--train_minutes=0", "--epochs=4"],
+                                                 "softmax": ["--train_minutes=0", "--epochs=4"],
+                                                 # --epochs replaces --minutes only for runs without a source.
+                                                 "base_epochs": ["--train_minutes=0", "--epochs=12"],
+                                                 "lever_epochs": ["--train_minutes=0", "--epochs=7"],
                                                  "order": ["paper_recipe", "crops_0.9", "jitter_0"],
                                                  "order_alone": ["crops_0.9", "paper_recipe"],
                                                  "order_finished": ["crops_0.9"],
@@ -158,6 +171,10 @@ root, lever, base = sys.argv[1], script.VARIANTS["crops_0.9"], script.VARIANTS["
 print(json.dumps({"lever": script.budget_flags(lever, root, 10.0, "paper_recipe"),
                   "base": script.budget_flags(base, root, 10.0, "paper_recipe"),
                   "lever_alone": script.budget_flags(lever, root, 10.0),
+                  "two_views": script.budget_flags(script.VARIANTS["two_views"], root, 10.0, "paper_recipe"),
+                  "softmax": script.budget_flags(script.VARIANTS["softmax"], root, 10.0, "paper_recipe"),
+                  "base_epochs": script.budget_flags(base, root, 10.0, "paper_recipe", 12),
+                  "lever_epochs": script.budget_flags(lever, root, 10.0, "paper_recipe", 12),
                   "order": script.training_order(["crops_0.9", "jitter_0", "paper_recipe"], root, "paper_recipe"),
                   "order_alone": script.training_order(["crops_0.9", "paper_recipe"], root),
                   # paper_recipe's run is finished in root: crops_0.9 may take its epochs without it.
