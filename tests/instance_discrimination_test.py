@@ -178,12 +178,16 @@ class FitTest(tf.test.TestCase, parameterized.TestCase):
 
 class SaveLoadTest(tf.test.TestCase):
 
-  def test_keras_file_round_trip_keeps_weights_bank_z_and_step(self):
-    model = _model(_encoder("convnet_small"), head_batchnorm=True, proximal_lambda=0.1)
+  def _trained_and_reloaded(self, **kwargs) -> tuple[id_lib.InstanceDiscrimination, id_lib.InstanceDiscrimination]:
+    """A model trained one epoch, and its copy saved to and loaded from a .keras file."""
+    model = _model(_encoder("convnet_small"), **kwargs)
     model.fit(_dataset(_images()), epochs=1, verbose=0)
     path = os.path.join(self.create_tempdir().full_path, "run.keras")
     model.save(path)
-    loaded = keras.models.load_model(path)
+    return model, keras.models.load_model(path)
+
+  def test_keras_file_round_trip_keeps_weights_bank_z_and_step(self):
+    model, loaded = self._trained_and_reloaded(head_batchnorm=True, proximal_lambda=0.1)
     self.assertIsInstance(loaded, id_lib.InstanceDiscrimination)
     self.assertAllEqual(loaded.bank.numpy(), model.bank.numpy())
     self.assertEqual(float(loaded.normalizer.numpy()), float(model.normalizer.numpy()))
@@ -199,11 +203,7 @@ class SaveLoadTest(tf.test.TestCase):
     self.assertEqual(int(loaded.step.numpy()), 2 * N // BATCH)
 
   def test_keras_file_round_trip_keeps_the_hidden_head_layer(self):
-    model = _model(_encoder("convnet_small"), head_batchnorm=True, head_hidden_dim=24)
-    model.fit(_dataset(_images()), epochs=1, verbose=0)
-    path = os.path.join(self.create_tempdir().full_path, "run.keras")
-    model.save(path)
-    loaded = keras.models.load_model(path)
+    model, loaded = self._trained_and_reloaded(head_batchnorm=True, head_hidden_dim=24)
     self.assertEqual(loaded.get_config()["head_hidden_dim"], 24)
     self.assertEqual(loaded.head_hidden.kernel.shape, (model.encoder.output_shape[-1], 24))
     images = _images(4, seed=5)
