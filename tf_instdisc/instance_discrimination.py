@@ -335,7 +335,10 @@ class InstanceDiscrimination(keras.Model):
     """images [B, ...] (or a dict with "image") -> float32 [B, D], unit norm."""
     if isinstance(images, dict):
       images = images[IMAGE_KEY]
-    features = tf.cast(self.encoder(images, training=training), tf.float32)
+    return self._head(tf.cast(self.encoder(images, training=training), tf.float32), training=training)
+
+  def _head(self, features, training=None):
+    """Encoder features [B, F] -> unit-norm embeddings [B, D]: (hidden layer,) projection, (BN,) L2 norm."""
     if self.head_hidden is not None:
       features = self.head_hidden_relu(self.head_hidden_bn(self.head_hidden(features), training=training))
     projected = self.projection(features)
@@ -357,13 +360,7 @@ class InstanceDiscrimination(keras.Model):
     if input_shape is None:
       input_shape = tuple(self.encoder.input_shape[1:])
     inputs = keras.Input(input_shape, name="images")
-    features = self.encoder(inputs)
-    if self.head_hidden is not None:
-      features = self.head_hidden_relu(self.head_hidden_bn(self.head_hidden(features)))
-    projected = self.projection(features)
-    if self.projection_bn is not None:
-      projected = self.projection_bn(projected)
-    return keras.Model(inputs, self.normalize(projected), name=f"{self.encoder.name}_embedding")
+    return keras.Model(inputs, self._head(self.encoder(inputs)), name=f"{self.encoder.name}_embedding")
 
   def compile(self, optimizer="sgd", *, jit_compile: bool | str = False, **kwargs) -> None:
     """As keras.Model.compile, without a loss (the method is its loss). XLA is off by default, not Keras' "auto"
