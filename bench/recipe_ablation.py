@@ -118,6 +118,12 @@ VARIANTS = {v.name: v for v in (
             ("--blur_prob=0.25",)),
     Variant("erasing_0.25", "--erasing_prob=0.25 (a random 2-25% rectangle erased in a quarter of the crops)",
             ("--erasing_prob=0.25",), "Zhong et al., AAAI 2020"),
+    Variant("jitter_0.2", "--color_jitter=0.2 (half the brightness and contrast jitter)", ("--color_jitter=0.2",)),
+    Variant("tau_0.15", "--temperature=0.15", ("--temperature=0.15",)),
+    Variant("lr_0.06", "--learning_rate=0.06 (twice the base learning rate)", ("--learning_rate=0.06",)),
+    Variant("negatives_16384", "--num_negatives=16384 (four times the NCE noise samples)",
+            ("--num_negatives=16384",)),
+    Variant("wd_1e-4", "--weight_decay=1e-4 (a fifth of the weight decay)", ("--weight_decay=1e-4",)),
     Variant("bfloat16", "--mixed_precision=bfloat16 (same epochs as paper_recipe: a precision check, not a budget)",
             ("--mixed_precision=bfloat16",), same_epochs_as="paper_recipe"),
 )}
