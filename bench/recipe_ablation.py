@@ -78,6 +78,8 @@ VARIANTS = {v.name: v for v in (
     Variant("width_0.5", "--width_multiplier=0.5 (half the channels: 2.6x the images/s here, more epochs)",
             ("--width_multiplier=0.5",)),
     Variant("width_0.75", "--width_multiplier=0.75 (three quarters of the channels)", ("--width_multiplier=0.75",)),
+    Variant("width_1.0", "--width_multiplier=1 (the full 32-64-128-256 channels: 4x the half width's conv work)",
+            ("--width_multiplier=1",)),
     # Levers on top of the half-width net (what a recipe at --width_multiplier=0.5 would add).
     Variant("width_0.5_crops_0.6", "--width_multiplier=0.5 --crop_scale_min=0.6",
             ("--width_multiplier=0.5", "--crop_scale_min=0.6")),
@@ -121,6 +123,8 @@ VARIANTS = {v.name: v for v in (
     Variant("jitter_0.2", "--color_jitter=0.2 (half the brightness and contrast jitter)", ("--color_jitter=0.2",)),
     Variant("tau_0.15", "--temperature=0.15", ("--temperature=0.15",)),
     Variant("lr_0.06", "--learning_rate=0.06 (twice the base learning rate)", ("--learning_rate=0.06",)),
+    Variant("lr_0.02", "--learning_rate=0.02 (two thirds of the base learning rate)", ("--learning_rate=0.02",)),
+    Variant("lr_0.015", "--learning_rate=0.015 (half the base learning rate)", ("--learning_rate=0.015",)),
     Variant("negatives_16384", "--num_negatives=16384 (four times the NCE noise samples)",
             ("--num_negatives=16384",)),
     Variant("wd_1e-4", "--weight_decay=1e-4 (a fifth of the weight decay)", ("--weight_decay=1e-4",)),
