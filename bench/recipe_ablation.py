@@ -16,6 +16,12 @@ on the 5,000 held-out train images (never the test set): embedding, pooled backb
 finished runs and evaluations. Writes OUTPUT.md (a table), OUTPUT.json and OUTPUT.png (the bank-kNN monitor against
 wall minutes; against epochs when every variant but one trains its epochs: --epochs_of, or bfloat16 beside
 paper_recipe).
+
+--seeds=0,1,2 trains every variant once per seed (train.py --seed: the initialisation, bank, negatives, shuffling
+and augmentation; the held-out images stay the same draw), seed 0 in ROOT/<name>, seed S in ROOT/<name>.seedS, and
+a seed-S run takes its epochs from the seed-S run of its source. The table then adds each variant's mean and
+sample standard deviation over its seeds: on this project's 2-core CPU three seeds of the same flags spanned up to
+a point at one k (docs/recipe_ablation.md), more than most levers move, so a lever is chosen on the means.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -141,6 +148,8 @@ flags.DEFINE_integer("epochs", 0, "If > 0: every run that takes its epochs from 
 flags.DEFINE_list("extra_flags", [], "train.py flags added to every variant (e.g. --mixed_precision=off).")
 flags.DEFINE_string("base_flagfile", "fashion_mnist.flags", "The flagfile every variant starts from.")
 flags.DEFINE_integer("validation_examples", 5000, "Train images held out to score the variants on.")
+flags.DEFINE_list("seeds", ["0"], "train.py --seed of each variant's runs: one run per seed (seed S > 0 in "
+                  "ROOT/<name>.seedS), and a mean and standard deviation per variant when more than one.")
 flags.DEFINE_string("epochs_of", "", "A variant of --variants: it trains first, on --minutes, and every other one "
                     "then trains the epochs it chose (equal epochs, not equal minutes). For levers that leave the "
                     "cost of an epoch alone, so that the host's speed in one process or the next (1,000-1,500 "
@@ -153,33 +162,43 @@ def epochs_source(variant: Variant, epochs_of: str = "") -> str:
   return variant.same_epochs_as or (epochs_of if variant.name != epochs_of else "")
 
 
-def training_order(names: list[str], root: str, epochs_of: str = "") -> list[str]:
+def run_name(name: str, seed: int = 0) -> str:
+  """The directory (under --root) of a variant's run with this --seed: the name itself for seed 0."""
+  return name if seed == 0 else f"{name}.seed{seed}"
+
+
+def training_order(names: list[str], root: str, epochs_of: str = "", seeds: tuple[int, ...] = (0,)) -> list[str]:
   """names with every run whose epochs another one trains moved before it.
 
   Raises:
-    ValueError: naming --epochs_of or the variant, when the run it needs is neither among names nor in root.
+    ValueError: naming --epochs_of or the variant, when the run it needs (for every seed) is neither among names
+      nor in root.
   """
   sources = []
   for name in names:
     source = epochs_source(VARIANTS[name], epochs_of)
     if not source or source in sources:
       continue
-    if source not in names and not os.path.exists(os.path.join(root, source, "config.json")):
+    missing = [s for s in seeds if not os.path.exists(os.path.join(root, run_name(source, s), "config.json"))]
+    if source not in names and missing:
       what = f"--epochs_of={epochs_of}" if source == epochs_of else f"{name} trains the epochs of {source}, which"
-      raise ValueError(f"{what} is not one of --variants ({', '.join(names)}) nor a finished run in --root={root}")
+      runs = f" (no {', '.join(run_name(source, s) for s in missing)})" if seeds != (0,) else ""
+      raise ValueError(f"{what} is not one of --variants ({', '.join(names)}) nor a finished run in --root={root}"
+                       f"{runs}")
     sources.append(source)
   first = [n for n in sources if n in names]
   return first + [n for n in names if n not in first]
 
 
-def budget_flags(variant: Variant, root: str, minutes: float, epochs_of: str = "", epochs: int = 0) -> list[str]:
+def budget_flags(variant: Variant, root: str, minutes: float, epochs_of: str = "", epochs: int = 0,
+                 seed: int = 0) -> list[str]:
   """The variant's train.py flags that set how long it trains: --epochs or --minutes, or the epochs another run
-  chose divided by the variant's cost (equal compute)."""
+  (its source's run with the same seed) chose divided by the variant's cost (equal compute)."""
   source = epochs_source(variant, epochs_of)
   if not source:
     return ["--train_minutes=0", f"--epochs={epochs}"] if epochs else [f"--train_minutes={minutes:g}",
                                                                         "--lr_schedule=cosine"]
-  with open(os.path.join(root, source, "config.json")) as f:
+  with open(os.path.join(root, run_name(source, seed), "config.json")) as f:
     source_epochs = json.load(f)["train"]["epochs"]
   return ["--train_minutes=0", f"--epochs={max(1, round(source_epochs / variant.cost))}"]
 
@@ -195,28 +214,31 @@ def base_flags() -> list[str]:
 
 
 def train_and_score(variant: Variant, root: str, minutes: float, extra: list[str], epochs_of: str = "",
-                    epochs: int = 0) -> dict:
-  """Trains the variant (unless finished), scores it with evaluate.py (unless scored); returns its row."""
-  model_dir = os.path.join(root, variant.name)
+                    epochs: int = 0, seed: int = 0) -> dict:
+  """Trains the variant's run with this --seed (unless finished), scores it with evaluate.py (unless scored);
+  returns its row."""
+  run = run_name(variant.name, seed)
+  model_dir = os.path.join(root, run)
   final = os.path.join(model_dir, "final_metrics.json")
   if not os.path.exists(final):
-    budget = budget_flags(variant, root, minutes, epochs_of, epochs)
-    print(f"training {variant.name}: {' '.join(budget)}", flush=True)
-    _run([sys.executable, "train.py", *base_flags(), *variant.flags, *extra, *budget, f"--model_dir={model_dir}"],
-         os.path.join(root, f"{variant.name}.log"))
+    budget = budget_flags(variant, root, minutes, epochs_of, epochs, seed)
+    print(f"training {run}: {' '.join(budget)}", flush=True)
+    seed_flags = [f"--seed={seed}"] if seed else []
+    _run([sys.executable, "train.py", *base_flags(), *variant.flags, *extra, *seed_flags, *budget,
+          f"--model_dir={model_dir}"], os.path.join(root, f"{run}.log"))
   knn_file = os.path.join(model_dir, "eval", "knn.json")
   if not os.path.exists(knn_file) or os.path.getmtime(knn_file) < os.path.getmtime(final):
-    print(f"scoring {variant.name}", flush=True)
+    print(f"scoring {run}", flush=True)
     _run([sys.executable, "evaluate.py", f"--model_dir={model_dir}", "--protocol=knn",
-          f"--knn_k={','.join(map(str, KS))}", "--noplots"], os.path.join(root, f"{variant.name}.log"))
+          f"--knn_k={','.join(map(str, KS))}", "--noplots"], os.path.join(root, f"{run}.log"))
   with open(final) as f:
     timing = json.load(f)["time"]
   with open(os.path.join(model_dir, "config.json")) as f:
     epochs = json.load(f)["train"]["epochs"]  # As trained (a run made before a change of --minutes keeps its own).
   with open(knn_file) as f:
     scores = json.load(f)["features"]
-  return {"name": variant.name, "lever": variant.lever, "source": variant.source, "epochs": epochs,
-          "flags": list(variant.flags), "time": timing,
+  return {"name": variant.name, "run": run, "seed": seed, "lever": variant.lever, "source": variant.source,
+          "epochs": epochs, "flags": list(variant.flags), "time": timing,
           "top1": {kind: {k: scores[kind][f"k={k}"]["top1"] for k in KS} for kind in scores}}
 
 
@@ -233,15 +255,37 @@ def write_table(rows: list[dict], output: str, command: str) -> None:
                  " | ".join(f"{100 * pixels[k]:.2f}" for k in KS) + " |")
   for row in rows:
     embedding = row["top1"]["embedding"]
-    lines.append(f"| {row['name']} | {row['lever']} | {row['source']} | {row['epochs']} | "
+    seed = f" (seed {row['seed']})" if row.get("seed") else ""
+    lines.append(f"| {row['name']}{seed} | {row['lever']} | {row['source']} | {row['epochs']} | "
                  f"{row['time']['train_seconds'] / 60:.1f} | {row['time']['wall_seconds'] / 60:.1f} | " +
                  " | ".join(f"{100 * embedding[k]:.2f}" for k in KS) + " |")
+  summary = seed_summary(rows)
+  for row in summary:
+    lines.append(f"| **{row['name']}, mean of {len(row['seeds'])} seeds** | +/- the sample s.d. | | | | | " +
+                 " | ".join(f"{100 * row['mean'][k]:.2f} +/- {100 * row['sd'][k]:.2f}" for k in KS) + " |")
   with open(f"{output}.md.tmp", "w") as f:
     f.write("\n".join(lines) + "\n")
   os.replace(f"{output}.md.tmp", f"{output}.md")
   with open(f"{output}.json.tmp", "w") as f:
-    json.dump({"command": command, "rows": rows}, f, indent=1)
+    json.dump({"command": command, "rows": rows, **({"seed_summary": summary} if summary else {})}, f, indent=1)
   os.replace(f"{output}.json.tmp", f"{output}.json")
+
+
+def seed_summary(rows: list[dict]) -> list[dict]:
+  """Each variant with runs from two or more seeds: its seeds, and the mean and sample standard deviation of its
+  embedding's kNN top-1 over them at each k (in the order the variants first appear)."""
+  by_name: dict[str, list[dict]] = {}
+  for row in rows:
+    by_name.setdefault(row["name"], []).append(row)
+  summary = []
+  for name, runs in by_name.items():
+    if len(runs) < 2:
+      continue
+    scores = {k: [run["top1"]["embedding"][k] for run in runs] for k in KS}
+    summary.append({"name": name, "seeds": [run.get("seed", 0) for run in runs],
+                    "mean": {k: statistics.mean(v) for k, v in scores.items()},
+                    "sd": {k: statistics.stdev(v) for k, v in scores.items()}})
+  return summary
 
 
 def write_plot(rows: list[dict], root: str, output: str, x: str = "minutes") -> None:
@@ -249,8 +293,9 @@ def write_plot(rows: list[dict], root: str, output: str, x: str = "minutes") -> 
   or epochs when the variants train equal epochs (--epochs_of: their minutes then say how fast the host was)."""
   runs = {}
   for row in rows:
-    with open(os.path.join(root, row["name"], "metrics.jsonl")) as f:
-      runs[row["name"]] = [json.loads(line) for line in f if line.strip()]
+    run = row.get("run", row["name"])
+    with open(os.path.join(root, run, "metrics.jsonl")) as f:
+      runs[run] = [json.loads(line) for line in f if line.strip()]
   pixels = rows[0]["top1"].get("pixels", {}).get(200) if rows else None
   title = "kNN monitor at equal wall-clock budgets" if x == "minutes" else "kNN monitor at equal epochs"
   plots.training_curves(runs, f"{output}.png", x=x, title=title,
@@ -258,10 +303,12 @@ def write_plot(rows: list[dict], root: str, output: str, x: str = "minutes") -> 
 
 
 def plot_axis(rows: list[dict], epochs_of: str = "") -> str:
-  """epoch when every row but one trained another run's epochs (--epochs_of, or the precision check beside its
-  source): equal epochs, so a host that was faster for one run does not bend the curves; else minutes."""
+  """epoch when every row but one variant's (one per seed) trained another run's epochs (--epochs_of, or the
+  precision check beside its source): equal epochs, so a host that was faster for one run does not bend the
+  curves; else minutes."""
   fixed = [row for row in rows if epochs_source(VARIANTS[row["name"]], epochs_of)]
-  return "epoch" if fixed and len(rows) - len(fixed) <= 1 else "minutes"
+  free = {row["name"] for row in rows if row not in fixed}
+  return "epoch" if fixed and len(free) <= 1 else "minutes"
 
 
 def main(argv: list[str]) -> int:
@@ -279,7 +326,15 @@ def main(argv: list[str]) -> int:
     print(f"recipe_ablation.py: --epochs_of: unknown {FLAGS.epochs_of}", file=sys.stderr)
     return 2
   try:
-    names = training_order(names, FLAGS.root, FLAGS.epochs_of)
+    seeds = tuple(int(s) for s in FLAGS.seeds)
+  except ValueError:
+    seeds = ()
+  if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+    print(f"recipe_ablation.py: --seeds: expected distinct integers >= 0, got {','.join(FLAGS.seeds)}",
+          file=sys.stderr)
+    return 2
+  try:
+    names = training_order(names, FLAGS.root, FLAGS.epochs_of, seeds)
   except ValueError as e:
     print(f"recipe_ablation.py: {e}", file=sys.stderr)
     return 2
@@ -288,12 +343,14 @@ def main(argv: list[str]) -> int:
   command = " ".join(["python bench/recipe_ablation.py", *sys.argv[1:]])
   rows = []
   for name in names:
-    start = time.time()
-    rows.append(train_and_score(VARIANTS[name], FLAGS.root, FLAGS.minutes, FLAGS.extra_flags, FLAGS.epochs_of,
-                                FLAGS.epochs))
-    print(f"{name}: k=200 {100 * rows[-1]['top1']['embedding'][200]:.2f}% ({time.time() - start:.0f} s)", flush=True)
-    write_table(rows, output, command)
-    write_plot(rows, FLAGS.root, output, x=plot_axis(rows, FLAGS.epochs_of))
+    for seed in seeds:
+      start = time.time()
+      rows.append(train_and_score(VARIANTS[name], FLAGS.root, FLAGS.minutes, FLAGS.extra_flags, FLAGS.epochs_of,
+                                  FLAGS.epochs, seed))
+      print(f"{rows[-1]['run']}: k=200 {100 * rows[-1]['top1']['embedding'][200]:.2f}% "
+            f"({time.time() - start:.0f} s)", flush=True)
+      write_table(rows, output, command)
+      write_plot(rows, FLAGS.root, output, x=plot_axis(rows, FLAGS.epochs_of))
   return 0
 
 

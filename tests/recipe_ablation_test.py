@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 
+import numpy as np
 import tensorflow as tf
 
 import train
@@ -85,9 +86,10 @@ class RecipeAblationTest(tf.test.TestCase):
 
   def test_epochs_of_gives_every_other_variant_the_epochs_its_run_chose(self):
     root = self.create_tempdir().full_path
-    os.makedirs(os.path.join(root, "paper_recipe"))
-    with open(os.path.join(root, "paper_recipe", "config.json"), "w") as f:
-      json.dump({"train": {"epochs": 7}}, f)
+    for run, epochs in (("paper_recipe", 7), ("paper_recipe.seed2", 9)):  # Seed 2's run chose its own epochs.
+      os.makedirs(os.path.join(root, run))
+      with open(os.path.join(root, run, "config.json"), "w") as f:
+        json.dump({"train": {"epochs": epochs}}, f)
     # In a process of its own: the script defines absl flags at import, as train.py and evaluate.py do.
     result = subprocess.run([testing.python(), "-c", _BUDGETS, root], cwd=testing.REPO_ROOT, capture_output=True,
                             text=True, timeout=120, check=False)
@@ -104,8 +106,46 @@ class RecipeAblationTest(tf.test.TestCase):
                                                  "order": ["paper_recipe", "crops_0.9", "jitter_0"],
                                                  "order_alone": ["crops_0.9", "paper_recipe"],
                                                  "order_finished": ["crops_0.9"],
-                                                 # Against epochs only when all runs but one train another's epochs.
-                                                 "axes": ["epoch", "epoch", "minutes", "minutes", "minutes"]})
+                                                 # A seed's run takes the epochs of its source's run of that seed.
+                                                 "lever_seed2": ["--train_minutes=0", "--epochs=9"],
+                                                 "order_seeds_finished": ["crops_0.9"],
+                                                 "order_seed_missing": (
+                                                     "--epochs_of=paper_recipe is not one of --variants (crops_0.9) "
+                                                     f"nor a finished run in --root={root} (no paper_recipe.seed1)"),
+                                                 # Against epochs only when all runs but one variant's (one per
+                                                 # seed) train another's epochs.
+                                                 "axes": ["epoch", "epoch", "minutes", "minutes", "minutes",
+                                                          "epoch", "minutes"]})
+
+  def test_seeds_train_one_run_each_and_report_the_mean_and_standard_deviation(self):
+    root = self.create_tempdir().full_path
+    result = subprocess.run([testing.python(), "-c", _SEEDS, root], cwd=testing.REPO_ROOT, capture_output=True,
+                            text=True, timeout=120, check=False)
+    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    report = json.loads(result.stdout.splitlines()[-1])  # After the script's "training ..." / "scoring ..." lines.
+    self.assertIn("training paper_recipe.seed4: --train_minutes=1 --lr_schedule=cosine", result.stdout)
+    # One train.py run per seed, each in its own dir, with --seed for all but seed 0 (train.py's default).
+    self.assertEqual(report["trained"], [[os.path.join(root, "paper_recipe"), None],
+                                         [os.path.join(root, "paper_recipe.seed1"), "--seed=1"],
+                                         [os.path.join(root, "paper_recipe.seed4"), "--seed=4"]])
+    self.assertEqual(report["runs"], ["paper_recipe", "paper_recipe.seed1", "paper_recipe.seed4"])
+    scores = np.array([[0.80, 0.81, 0.82, 0.83], [0.84, 0.85, 0.86, 0.87], [0.89, 0.90, 0.91, 0.92]])  # As faked.
+    (summary,) = report["summary"]
+    self.assertEqual((summary["name"], summary["seeds"]), ("paper_recipe", [0, 1, 4]))
+    self.assertAllClose([summary["mean"][str(k)] for k in (10, 20, 50, 200)], scores.mean(axis=0))
+    self.assertAllClose([summary["sd"][str(k)] for k in (10, 20, 50, 200)], scores.std(axis=0, ddof=1))
+    self.assertIn("| paper_recipe (seed 4) |", report["table"])
+    self.assertIn(f"| **paper_recipe, mean of 3 seeds** | +/- the sample s.d. | | | | | "
+                  f"{100 * scores[:, 0].mean():.2f} +/- {100 * scores[:, 0].std(ddof=1):.2f} |", report["table"])
+
+  def test_seeds_must_be_distinct_non_negative_integers(self):
+    root = os.path.join(self.create_tempdir().full_path, "never")
+    for seeds in ("1,1", "-1", "one"):
+      with self.subTest(seeds):
+        result = run_ablation(f"--root={root}", "--variants=paper_recipe", f"--seeds={seeds}")
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("--seeds: expected distinct integers >= 0", result.stderr)
+        self.assertFalse(os.path.exists(root))
 
   def test_every_variant_is_a_valid_train_config_that_sets_its_flags(self):
     # A typo in a variant's flags would otherwise surface only when its turn comes, maybe an hour into a run.
@@ -167,6 +207,13 @@ print(json.dumps({name: list(variant.flags) for name, variant in script.VARIANTS
 """
 
 _BUDGETS = _LOAD + """
+def refusal(call):
+  try:
+    call()
+  except ValueError as e:
+    return str(e)
+  return None
+
 root, lever, base = sys.argv[1], script.VARIANTS["crops_0.9"], script.VARIANTS["paper_recipe"]
 print(json.dumps({"lever": script.budget_flags(lever, root, 10.0, "paper_recipe"),
                   "base": script.budget_flags(base, root, 10.0, "paper_recipe"),
@@ -179,10 +226,51 @@ print(json.dumps({"lever": script.budget_flags(lever, root, 10.0, "paper_recipe"
                   "order_alone": script.training_order(["crops_0.9", "paper_recipe"], root),
                   # paper_recipe's run is finished in root: crops_0.9 may take its epochs without it.
                   "order_finished": script.training_order(["crops_0.9"], root, "paper_recipe"),
+                  "lever_seed2": script.budget_flags(lever, root, 10.0, "paper_recipe", 0, 2),
+                  "order_seeds_finished": script.training_order(["crops_0.9"], root, "paper_recipe", (0, 2)),
+                  "order_seed_missing": refusal(lambda: script.training_order(["crops_0.9"], root, "paper_recipe",
+                                                                              (0, 1))),
                   "axes": [script.plot_axis([{"name": n} for n in names], epochs_of) for names, epochs_of in (
                       (["paper_recipe", "bfloat16"], ""), (["paper_recipe", "crops_0.9"], "paper_recipe"),
                       (["paper_recipe", "crops_0.9"], ""), (["paper_recipe", "crops_0.9", "bfloat16"], ""),
-                      (["paper_recipe"], ""))]}))
+                      (["paper_recipe"], ""))] + [
+                      script.plot_axis([{"name": n, "seed": s} for n in ("paper_recipe", "crops_0.9") for s in (0, 1)],
+                                       epochs_of) for epochs_of in ("paper_recipe", "")]}))
+"""
+
+# train_and_score with train.py and evaluate.py faked (they write the files the script reads): seeds 0, 1 and 4.
+_SEEDS = _LOAD + """
+root = sys.argv[1]
+script.FLAGS(["recipe_ablation.py", f"--root={root}"])
+trained, scores = [], {0: 0.80, 1: 0.84, 4: 0.89}
+
+def fake_run(command, log_path):
+  model_dir = next(a.split("=", 1)[1] for a in command if a.startswith("--model_dir="))
+  seed = int(next((a.split("=", 1)[1] for a in command if a.startswith("--seed=")), 0))
+  if command[1] == "train.py":
+    trained.append([model_dir, next((a for a in command if a.startswith("--seed=")), None)])
+    os.makedirs(model_dir)
+    with open(os.path.join(model_dir, "final_metrics.json"), "w") as f:
+      json.dump({"time": {"train_seconds": 60.0, "wall_seconds": 66.0}}, f)
+    with open(os.path.join(model_dir, "config.json"), "w") as f:
+      json.dump({"train": {"epochs": 3, "seed": seed}}, f)
+  else:
+    with open(os.path.join(model_dir, "config.json")) as f:
+      seed = json.load(f)["train"]["seed"]
+    os.makedirs(os.path.join(model_dir, "eval"))
+    top1 = {f"k={k}": {"top1": round(scores[seed] + 0.01 * i, 4)} for i, k in enumerate(script.KS)}
+    with open(os.path.join(model_dir, "eval", "knn.json"), "w") as f:
+      json.dump({"features": {"embedding": top1, "pixels": top1}}, f)
+
+script._run = fake_run
+rows = [script.train_and_score(script.VARIANTS["paper_recipe"], root, 1.0, [], seed=s) for s in (0, 1, 4)]
+output = os.path.join(root, "table")
+script.write_table(rows, output, "python bench/recipe_ablation.py --seeds=0,1,4")
+with open(output + ".md") as f:
+  table = f.read()
+with open(output + ".json") as f:
+  summary = json.load(f)["seed_summary"]
+print(json.dumps({"trained": trained, "runs": [r["run"] for r in rows], "summary": summary, "table": table}))
 """
 
 if __name__ == "__main__":
