@@ -138,6 +138,31 @@ class RecipeAblationTest(tf.test.TestCase):
     self.assertIn(f"| **paper_recipe, mean of 3 seeds** | +/- the sample s.d. | | | | | "
                   f"{100 * scores[:, 0].mean():.2f} +/- {100 * scores[:, 0].std(ddof=1):.2f} |", report["table"])
 
+  def test_seeds_tabulate_finished_runs_per_seed_through_main(self):
+    # The script's own loop over --seeds, on finished runs (train.py and evaluate.py are skipped for them).
+    root = self.create_tempdir().full_path
+    for run, top1 in (("paper_recipe", 0.80), ("paper_recipe.seed3", 0.86)):
+      os.makedirs(os.path.join(root, run, "eval"))
+      with open(os.path.join(root, run, "final_metrics.json"), "w") as f:
+        json.dump({"time": {"train_seconds": 60.0, "wall_seconds": 66.0}}, f)
+      with open(os.path.join(root, run, "config.json"), "w") as f:
+        json.dump({"train": {"epochs": 2}}, f)
+      with open(os.path.join(root, run, "metrics.jsonl"), "w") as f:
+        f.write("\n".join(json.dumps({"epoch": e, "loss": 9.0 - e, "knn_top1": top1,
+                                          "time": {"wall_seconds": 30.0 * e}}) for e in (1, 2)))
+      with open(os.path.join(root, run, "eval", "knn.json"), "w") as f:  # Written after final_metrics.json.
+        json.dump({"features": {kind: {f"k={k}": {"top1": top1} for k in (10, 20, 50, 200)}
+                                for kind in ("embedding", "pixels")}}, f)
+    result = run_ablation(f"--root={root}", "--variants=paper_recipe", "--seeds=0,3", "--epochs=2")
+    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    self.assertNotIn("training", result.stdout)
+    self.assertIn("paper_recipe.seed3: k=200 86.00%", result.stdout)
+    with open(os.path.join(root, "recipe_ablation.md")) as f:
+      table = f.read()
+    self.assertIn("| paper_recipe (seed 3) |", table)
+    self.assertIn(f"83.00 +/- {100 * np.std([0.80, 0.86], ddof=1):.2f}", table)
+    self.assertGreater(os.path.getsize(os.path.join(root, "recipe_ablation.png")), 1000)
+
   def test_seeds_must_be_distinct_non_negative_integers(self):
     root = os.path.join(self.create_tempdir().full_path, "never")
     for seeds in ("1,1", "-1", "one"):
