@@ -47,6 +47,9 @@ _HELP = {
     "embedding_dim": "Size D of the L2-normalised embedding.",
     "width_multiplier": "Scales the channels of every layer of our own archs (0.5: about a quarter of the work per "
                         "image); keras.<Name> archs take only 1.",
+    "pool_grid": "The backbone's output: 1 = global average pool of the last stage (the paper); G > 1 = its mean "
+                 "over each cell of a G x G grid, flattened (keeps where a pattern lies; not in the paper). Our "
+                 "own archs only.",
     "head_batchnorm": "Batch-normalise the projection before the L2 norm (not in the paper; faster start).",
     "head_hidden_dim": "Width of a hidden layer Dense -> BN -> ReLU before the projection (SimCLR's MLP head, Chen "
                        "et al. 2020; not in the paper). 0 = the paper's linear projection.",

@@ -199,6 +199,20 @@ class ArtifactTest(tf.test.TestCase):
     images = _fashion_images(3).astype(np.float32)
     self.assertAllClose(loaded(images, training=False), backbone(images, training=False), atol=1e-5)
 
+  def test_a_grid_pooled_backbone_is_rebuilt_with_its_grid(self):
+    backbone = backbones.build_backbone("convnet_small", (28, 28, 1), seed=4, width_multiplier=0.5, pool_grid=2)
+    directory = os.path.join(self.create_tempdir().full_path, "backbone")
+    artifact.write_backbone(directory, backbone, arch="convnet_small", input_shape=(28, 28, 1), step=7,
+                            width_multiplier=0.5, pool_grid=2)
+    with open(os.path.join(directory, artifact.BACKBONE_INFO_FILE)) as f:
+      info = json.load(f)
+    self.assertEqual((info["pool_grid"], info["output"]["features"]), (2, 512))
+    self.assertIn("2x2 grid", info["output"]["what"])
+    self.assertIn("build_backbone('convnet_small', (28, 28, 1), width_multiplier=0.5, pool_grid=2)", info["rebuild"])
+    loaded = keras.saving.load_model(os.path.join(directory, artifact.BACKBONE_KERAS_FILE))
+    images = _fashion_images(3).astype(np.float32)
+    self.assertAllClose(loaded(images, training=False), backbone(images, training=False), atol=1e-5)
+
   def test_resnet_stages_end_with_each_stage_last_block(self):
     for arch, last_blocks in (("resnet18_cifar", (2, 2, 2, 2)), ("resnet50", (3, 4, 6, 3))):
       backbone = backbones.build_backbone(arch, (32, 32, 3))

@@ -115,6 +115,51 @@ class WidthMultiplierTest(tf.test.TestCase, parameterized.TestCase):
       config_lib.validate(config_lib.Config(model=config_lib.ModelConfig(width_multiplier=-1.0)))
 
 
+class PoolGridTest(tf.test.TestCase, parameterized.TestCase):
+
+  def test_grid_features_are_the_cell_means_of_the_last_stage(self):
+    model = backbones.build_backbone("convnet_small", INPUT_SHAPE, seed=1, width_multiplier=0.5, pool_grid=2)
+    images = np.random.default_rng(0).uniform(0, 255, (3, *INPUT_SHAPE)).astype(np.float32)
+    last = keras.Model(model.inputs, model.get_layer("conv4_1_relu").output)(images).numpy()
+    self.assertEqual(last.shape, (3, 4, 4, 128))  # 28 -> 14 -> 7 -> 4: the last stage's map.
+    cells = last.reshape(3, 2, 2, 2, 2, 128).mean(axis=(2, 4))  # [B, row, column, C]: each 2x2 cell's mean.
+    self.assertAllClose(model(images).numpy(), cells.reshape(3, 4 * 128), atol=1e-5)
+    self.assertEqual(model.layers[-1].name, "pool")
+
+  def test_grid_one_is_the_global_pool_with_the_same_weights(self):
+    pooled = backbones.build_backbone("convnet_small", INPUT_SHAPE, seed=2, pool_grid=1)
+    grid = backbones.build_backbone("convnet_small", INPUT_SHAPE, seed=2, pool_grid=4)
+    # The grid adds no weights and takes no initializer seeds: the same seed builds the same convolutions.
+    self.assertEqual(pooled.count_params(), grid.count_params())
+    for a, b in zip(pooled.weights, grid.weights):
+      self.assertAllEqual(a.numpy(), b.numpy())
+    images = np.random.default_rng(1).uniform(0, 255, (2, *INPUT_SHAPE)).astype(np.float32)
+    cells = grid(images).numpy().reshape(2, 16, 256)  # 4x4 cells of the 4x4 map: the map itself.
+    self.assertAllClose(cells.mean(axis=1), pooled(images).numpy(), atol=1e-5)
+
+  @parameterized.parameters(("convnet_small", 3, 9 * 256), ("resnet18_cifar", 2, 4 * 512))
+  def test_features_scale_with_the_cells(self, arch, grid, features):
+    model = backbones.build_backbone(arch, INPUT_SHAPE, pool_grid=grid)
+    self.assertEqual(model.output.shape[-1], features)
+    self.assertEqual(model(np.zeros((1, *INPUT_SHAPE), np.float32)).shape, (1, features))
+
+  def test_a_free_input_size_pools_to_the_same_grid(self):
+    model = backbones.build_backbone("convnet_small", (None, None, 1), pool_grid=2, width_multiplier=0.5)
+    for side in (28, 40):
+      self.assertEqual(model(np.zeros((1, side, side, 1), np.float32)).shape, (1, 4 * 128))
+
+  def test_refusals_name_the_flag(self):
+    with self.assertRaisesRegex(ValueError, "--pool_grid: must be >= 1 .*got 0"):
+      backbones.build_backbone("convnet_small", INPUT_SHAPE, pool_grid=0)
+    with self.assertRaisesRegex(ValueError, "--pool_grid: .*--arch=keras.MobileNetV3Small .*only 1, got 2"):
+      backbones.build_backbone("keras.MobileNetV3Small", INPUT_SHAPE, pool_grid=2)
+    with self.assertRaisesRegex(ValueError, "--pool_grid: .*--arch=keras.MobileNetV3Small .*only 1, got 2"):
+      config_lib.validate(config_lib.Config(model=config_lib.ModelConfig(arch="keras.MobileNetV3Small",
+                                                                         pool_grid=2)))
+    with self.assertRaisesRegex(ValueError, "--pool_grid: must be >= 1"):
+      config_lib.validate(config_lib.Config(model=config_lib.ModelConfig(pool_grid=-1)))
+
+
 class SmallInputsAndPolicyTest(tf.test.TestCase, parameterized.TestCase):
 
   @parameterized.named_parameters(

@@ -145,6 +145,17 @@ class WidthMultiplierTest(tf.test.TestCase):
     self.assertEqual(model.encoder.output.shape[-1], 128)  # Half of convnet_small's 256 pooled channels.
 
 
+class PoolGridTest(tf.test.TestCase):
+
+  def test_build_model_takes_the_configs_grid(self):
+    cfg = config_lib.Config(model=config_lib.ModelConfig(arch="convnet_small", width_multiplier=0.5, pool_grid=2,
+                                                         embedding_dim=8))
+    model = model_lib.build_model(cfg, num_instances=4, input_shape=(28, 28, 1))
+    self.assertEqual(model.encoder.output.shape[-1], 4 * 128)  # 2x2 cells of the half width's 128 channels.
+    embedding = model_lib.build_embedding_model("convnet_small", (28, 28, 1), embedding_dim=8, pool_grid=3)
+    self.assertEqual(model_lib.backbone_of(embedding).output.shape[-1], 9 * 256)
+
+
 class InstanceClassifierTest(tf.test.TestCase):
 
   def test_shape_and_weights(self):

@@ -105,7 +105,7 @@ def stage_layers(arch: str, backbone: keras.Model) -> list[str]:
 
 
 def write_backbone(directory: str, backbone: keras.Model, *, arch: str, input_shape: Sequence[int | None],
-                   step: int, width_multiplier: float = 1.0) -> dict[str, Any]:
+                   step: int, width_multiplier: float = 1.0, pool_grid: int = 1) -> dict[str, Any]:
   """The backbone alone under directory (the layout in the module docstring), to start e.g. a detector from.
 
   backbone.weights.h5 is `backbone` itself. backbone.keras is a rebuild with the same layers and weights, but with
@@ -121,7 +121,7 @@ def write_backbone(directory: str, backbone: keras.Model, *, arch: str, input_sh
   channels = input_shape[-1]
   free = tuple(input_shape) if arch in backbones.FIXED_SIZE_ONLY else (None, None, channels)
   portable = backbones.build_backbone(arch, free, policy="float32", sync_batchnorm=False,
-                                      width_multiplier=width_multiplier)
+                                      width_multiplier=width_multiplier, pool_grid=pool_grid)
   for layer in portable.layers:
     layer.set_weights(backbone.get_layer(layer.name).get_weights())
   keras.saving.save_model(portable, os.path.join(directory, BACKBONE_KERAS_FILE))
@@ -135,13 +135,18 @@ def write_backbone(directory: str, backbone: keras.Model, *, arch: str, input_sh
   features = int(portable.output.shape[-1])
   shape_text = ", ".join(str(d) for d in input_shape)
   width_text = "" if width_multiplier == 1.0 else f", width_multiplier={width_multiplier}"
+  width_text += "" if pool_grid == 1 else f", pool_grid={pool_grid}"
+  pooled = ("global average pool of the last stage" if pool_grid == 1 else
+            f"the last stage averaged over each cell of a {pool_grid}x{pool_grid} grid, flattened (row, column, "
+            "channel)")
   checkpointing.write_json_atomic(os.path.join(directory, BACKBONE_INFO_FILE), {
       "arch": arch,
       "width_multiplier": width_multiplier,
+      "pool_grid": pool_grid,
       "input_shape": list(input_shape),
       "keras_input_shape": list(free),
       "output": {"layer": portable.layers[-1].name, "features": features,
-                 "what": "global average pool of the last stage (the embedding model's projection comes after)"},
+                 "what": f"{pooled} (the embedding model's projection comes after)"},
       "pixels": {"dtype": "float32", "range": [0, 255], "channels": channels,
                  "mean": -standardize.offset / standardize.scale, "std": 1.0 / standardize.scale,
                  "standardization": "inside the model (layer 'standardize'): (x - mean) / std on every channel; "
@@ -273,7 +278,7 @@ def write_export(model_dir: str, export_dir: str, *, overwrite: bool = False, ve
   def backbone_writer(directory: str) -> dict[str, Any]:
     return write_backbone(directory, model_lib.backbone_of(model), arch=cfg.model.arch,
                           input_shape=(size, size, source.image_shape[2]), step=step,
-                          width_multiplier=cfg.model.width_multiplier)
+                          width_multiplier=cfg.model.width_multiplier, pool_grid=cfg.model.pool_grid)
 
   return _write_artifact(
       export_dir, model, spec, collection, overwrite=overwrite, version=step if version is None else version,

@@ -41,12 +41,14 @@ class _Build:
   seeds: Iterator[int]
   sync_batchnorm: bool = False
   width_multiplier: float = 1.0
+  pool_grid: int = 1
 
   @classmethod
-  def create(cls, policy: str, seed: int, sync_batchnorm: bool = False, width_multiplier: float = 1.0) -> _Build:
+  def create(cls, policy: str, seed: int, sync_batchnorm: bool = False, width_multiplier: float = 1.0,
+             pool_grid: int = 1) -> _Build:
     # Seeded initializers: the same --seed builds the same network, with no global random state.
     return cls(policy=policy, seeds=itertools.count(seed * 100_003 + 1), sync_batchnorm=sync_batchnorm,
-               width_multiplier=width_multiplier)
+               width_multiplier=width_multiplier, pool_grid=pool_grid)
 
   def width(self, channels: int) -> int:
     """A layer's channels at this build's --width_multiplier (at least 1)."""
@@ -99,13 +101,25 @@ def _bottleneck_block(x, filters: int, stride: int, build: _Build, name: str):
   return _residual_out(y, shortcut, build, name)
 
 
+def _pool(x, build: _Build):
+  """The backbone's output: the last stage's mean over space (pool_grid 1), or over each cell of a G x G grid,
+  flattened in (row, column, channel) order (G x G x channels features: where on the image a pattern lies stays
+  in them). The grid's cells are adaptive (any input size gives G x G cells), so a backbone saved with its spatial
+  size left free still pools to the same G x G; the last layer is named "pool" either way."""
+  if build.pool_grid == 1:
+    return layers.GlobalAveragePooling2D(dtype=build.policy, name="pool")(x)
+  grid = (build.pool_grid, build.pool_grid)
+  x = layers.AdaptiveAveragePooling2D(grid, dtype=build.policy, name="pool_grid")(x)
+  return layers.Flatten(dtype=build.policy, name="pool")(x)
+
+
 def _standardize(inputs, policy):
   return layers.Rescaling(1.0 / _PIXEL_STD, offset=-_PIXEL_MEAN / _PIXEL_STD, dtype=policy, name="standardize")(inputs)
 
 
 def build_resnet(input_shape: tuple[int, int, int], *, depths: tuple[int, ...], bottleneck: bool, cifar_stem: bool,
                  policy: str = "float32", seed: int = 0, sync_batchnorm: bool = False,
-                 width_multiplier: float = 1.0, name: str = "resnet") -> keras.Model:
+                 width_multiplier: float = 1.0, pool_grid: int = 1, name: str = "resnet") -> keras.Model:
   """A ResNet v1.5 whose output is the global-average-pooled last stage [B, 512] (basic) or [B, 2048].
 
   Args:
@@ -117,9 +131,10 @@ def build_resnet(input_shape: tuple[int, int, int], *, depths: tuple[int, ...], 
     seed: seeds every initializer.
     sync_batchnorm: batch statistics over all replicas (Keras' synchronized BatchNormalization).
     width_multiplier: scales every layer's channels (1: He et al.'s widths).
+    pool_grid: G > 1 averages the last stage over a G x G grid and flattens it: G^2 times the features.
     name: the model name.
   """
-  build = _Build.create(policy, seed, sync_batchnorm, width_multiplier)
+  build = _Build.create(policy, seed, sync_batchnorm, width_multiplier, pool_grid)
   inputs = keras.Input(input_shape, name="images")
   x = _standardize(inputs, policy)
   if cifar_stem:
@@ -132,18 +147,19 @@ def build_resnet(input_shape: tuple[int, int, int], *, depths: tuple[int, ...], 
     for index in range(depth):
       stride = 2 if (stage > 0 and index == 0) else 1
       x = block(x, build.width(width), stride, build, f"stage{stage + 1}_block{index + 1}")
-  outputs = layers.GlobalAveragePooling2D(dtype=policy, name="pool")(x)
+  outputs = _pool(x, build)
   return keras.Model(inputs, outputs, name=name)
 
 
 def build_convnet_small(input_shape: tuple[int, int, int], *, policy: str = "float32", seed: int = 0,
-                        sync_batchnorm: bool = False, width_multiplier: float = 1.0,
+                        sync_batchnorm: bool = False, width_multiplier: float = 1.0, pool_grid: int = 1,
                         name: str = "convnet_small") -> keras.Model:
   """A VGG-style net for small images on a CPU: 32 -> pool -> 2x64 -> pool -> 2x128 -> pool -> 256 -> GAP.
 
   The channels are those times `width_multiplier` (0.5: 16 -> 2x32 -> 2x64 -> 128, about a quarter of the work).
+  pool_grid G > 1 averages the last stage (4x4 at 28x28 input) over a G x G grid instead of all of it, flattened.
   """
-  build = _Build.create(policy, seed, sync_batchnorm, width_multiplier)
+  build = _Build.create(policy, seed, sync_batchnorm, width_multiplier, pool_grid)
   inputs = keras.Input(input_shape, name="images")
   x = _standardize(inputs, policy)
   x = _conv_bn(x, build.width(32), 3, 1, build, "conv1")
@@ -151,7 +167,7 @@ def build_convnet_small(input_shape: tuple[int, int, int], *, policy: str = "flo
     x = layers.MaxPooling2D(2, padding="same", dtype=policy, name=f"pool{stage}")(x)
     for index in range(repeats):
       x = _conv_bn(x, build.width(width), 3, 1, build, f"conv{stage}_{index + 1}")
-  outputs = layers.GlobalAveragePooling2D(dtype=policy, name="pool")(x)
+  outputs = _pool(x, build)
   return keras.Model(inputs, outputs, name=name)
 
 
@@ -315,7 +331,7 @@ def build_keras_application(arch: str, input_shape: tuple[int, int, int], *, pol
 
 
 def build_backbone(arch: str, input_shape: tuple[int, int, int], *, policy: str = "float32", seed: int = 0,
-                   sync_batchnorm: bool = False, width_multiplier: float = 1.0) -> keras.Model:
+                   sync_batchnorm: bool = False, width_multiplier: float = 1.0, pool_grid: int = 1) -> keras.Model:
   """Builds BUILDERS[arch], or a keras.applications model for arch="keras.<Name>", with seeded initializers.
 
   Args:
@@ -326,15 +342,19 @@ def build_backbone(arch: str, input_shape: tuple[int, int, int], *, policy: str 
     sync_batchnorm: batch statistics over all replicas of a tf.distribute strategy (no effect on one device).
     width_multiplier: scales the channels of every layer of our own archs (BUILDERS); keras.<Name> models have
       their own widths and take only 1.
+    pool_grid: 1 pools our own archs' last stage globally (the paper); G > 1 over a G x G grid, flattened (their
+      pooling is ours to choose; keras.<Name> models pool globally and take only 1).
 
   Raises:
     ValueError: naming --arch for an unknown name (listing the accepted ones), or an input shape too small for a
-      keras.applications model; naming --width_multiplier for a keras.<Name> arch with a multiplier other than 1.
+      keras.applications model; naming --width_multiplier for a keras.<Name> arch with a multiplier other than 1,
+      or --pool_grid for a grid < 1 or a keras.<Name> arch with a grid other than 1.
   """
   check_arch(arch)
   config_lib.check_width_multiplier(arch, width_multiplier)
+  config_lib.check_pool_grid(arch, pool_grid)
   if arch.startswith(KERAS_PREFIX):
     return build_keras_application(arch, input_shape, policy=policy, seed=seed, sync_batchnorm=sync_batchnorm)
   return BUILDERS[arch](input_shape, policy=policy, seed=seed, sync_batchnorm=sync_batchnorm,
-                        width_multiplier=width_multiplier)
+                        width_multiplier=width_multiplier, pool_grid=pool_grid)
 

@@ -81,6 +81,10 @@ class ModelConfig:
   mixed_precision: str = "off"
   # Scales the channels of every layer of our own archs (not keras.<Name>): 0.5 is about a quarter of the work.
   width_multiplier: float = 1.0
+  # The backbone's output: 1 averages the last stage over all of it (the paper's global average pool); G > 1 over
+  # each cell of a G x G grid, flattened (G^2 times the features), so where on the image a pattern lies is kept:
+  # for small centred images (Fashion-MNIST) that is much of what tells classes apart. Our own archs only.
+  pool_grid: int = 1
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -188,6 +192,14 @@ def check_width_multiplier(arch: str, width_multiplier: float) -> None:
          f"takes only 1, got {width_multiplier}")
 
 
+def check_pool_grid(arch: str, pool_grid: int) -> None:
+  """Raises ValueError naming --pool_grid unless it is >= 1, and 1 for a keras.<Name> arch."""
+  _check(pool_grid >= 1, "pool_grid", f"must be >= 1 (1: global average pool), got {pool_grid}")
+  _check(pool_grid == 1 or arch in ARCHS, "pool_grid",
+         f"sets the pooling of our own archs ({', '.join(ARCHS)}); --arch={arch} pools as keras.applications "
+         f"does, so it takes only 1, got {pool_grid}")
+
+
 def _check_choice(value: str, field: str, choices: tuple[str, ...]) -> None:
   _check(value in choices, field, f"got {value!r}, expected one of {', '.join(choices)}")
 
@@ -219,6 +231,7 @@ def validate(cfg: Config) -> Config:
   _check(m.embedding_dim > 0, "embedding_dim", "must be > 0")
   _check(m.head_hidden_dim >= 0, "head_hidden_dim", "must be >= 0 (0: the paper's linear projection)")
   check_width_multiplier(m.arch, m.width_multiplier)
+  check_pool_grid(m.arch, m.pool_grid)
   _check_choice(m.mixed_precision, "mixed_precision", MIXED_PRECISION)
   _check_choice(b.bank_init, "bank_init", BANK_INITS)
   _check_choice(b.bank_dtype, "bank_dtype", BANK_DTYPES)

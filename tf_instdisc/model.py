@@ -56,7 +56,7 @@ def build_model(cfg: config_lib.Config, *, num_instances: int, input_shape: tupl
   policy = policy or resolve_policy(cfg.model.mixed_precision)
   encoder = backbones.build_backbone(cfg.model.arch, input_shape, policy=policy, seed=cfg.train.seed,
                                      sync_batchnorm=cfg.model.sync_batchnorm,
-                                     width_multiplier=cfg.model.width_multiplier)
+                                     width_multiplier=cfg.model.width_multiplier, pool_grid=cfg.model.pool_grid)
   loss = cfg.loss
   model = instance_discrimination.InstanceDiscrimination(
       encoder, num_instances, embedding_dim=cfg.model.embedding_dim, objective=loss.objective,
@@ -76,7 +76,7 @@ def build_model(cfg: config_lib.Config, *, num_instances: int, input_shape: tupl
 def build_embedding_model(arch: str, input_shape: tuple[int, int, int], *, embedding_dim: int,
                           policy: str = "float32", seed: int = 0, head_batchnorm: bool = False,
                           sync_batchnorm: bool = False, width_multiplier: float = 1.0,
-                          head_hidden_dim: int = 0) -> keras.Model:
+                          head_hidden_dim: int = 0, pool_grid: int = 1) -> keras.Model:
   """Builds backbone -> Dense(embedding_dim) -> L2 normalise (InstanceDiscrimination's layers, without a bank).
 
   Args:
@@ -89,13 +89,14 @@ def build_embedding_model(arch: str, input_shape: tuple[int, int, int], *, embed
     sync_batchnorm: every BatchNormalization takes its statistics over all replicas (ModelConfig).
     width_multiplier: scales the backbone's channels (ModelConfig).
     head_hidden_dim: width of the head's hidden layer (0: none; ModelConfig).
+    pool_grid: the backbone's pooling grid (ModelConfig).
 
   Returns:
     A functional keras.Model, images [B, H, W, C] -> float32 [B, D], unit norm; layers [input, backbone,
     (head_hidden, head_hidden_bn, head_hidden_relu,) projection, (projection_bn,) l2_normalize].
   """
   backbone = backbones.build_backbone(arch, input_shape, policy=policy, seed=seed, sync_batchnorm=sync_batchnorm,
-                                      width_multiplier=width_multiplier)
+                                      width_multiplier=width_multiplier, pool_grid=pool_grid)
   model = instance_discrimination.InstanceDiscrimination(
       backbone, 1, embedding_dim=embedding_dim, head_batchnorm=head_batchnorm, head_hidden_dim=head_hidden_dim,
       sync_batchnorm=sync_batchnorm, seed=seed)
