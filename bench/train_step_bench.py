@@ -59,6 +59,8 @@ flags.DEFINE_list("objectives", list(config_lib.OBJECTIVES), "Objectives: nce, s
 flags.DEFINE_list("precisions", list(PRECISIONS), "fp32 (mixed_precision=off) and/or bf16 (bfloat16).")
 flags.DEFINE_integer("batch_size", 128, "Global batch size.")
 flags.DEFINE_float("width_multiplier", 1.0, "Channel-width multiplier of the backbone (0.5: fashion_mnist.flags).")
+flags.DEFINE_list("pool_grids", ["1"], "The backbone's --pool_grid values to measure, each a case of its own "
+                  "(1: global average pool; fashion_mnist.flags: 4).")
 flags.DEFINE_list("image_shape", ["32", "32", "3"], "Height,width,channels of the synthetic images (28,28,1: "
                   "Fashion-MNIST).")
 flags.DEFINE_bool("xla_encoder", False, "Compile the encoder-only baseline step with XLA (jit_compile): its ratio to "
@@ -83,6 +85,7 @@ class Case:
   precision: str
   bank_size: int
   objective: str
+  pool_grid: int = 1
 
 
 def _apply_quick_defaults() -> None:
@@ -114,8 +117,15 @@ def _parse_cases() -> list[Case]:
       raise ValueError(f"--{name}: must be >= 1")
   if FLAGS.max_seconds <= 0:
     raise ValueError("--max_seconds: must be > 0")
+  try:
+    grids = [int(v) for v in FLAGS.pool_grids]
+  except ValueError as e:
+    raise ValueError(f"--pool_grids: expected comma-separated integers >= 1, got {FLAGS.pool_grids}") from e
+  if not grids or min(grids) < 1:
+    raise ValueError(f"--pool_grids: expected comma-separated integers >= 1, got {FLAGS.pool_grids}")
   image_shape()
-  return [Case(a, p, n, o) for a in archs for p in precisions for n in bank_sizes for o in objectives]
+  return [Case(a, p, n, o, g) for a in archs for g in grids for p in precisions for n in bank_sizes
+          for o in objectives]
 
 
 def image_shape() -> tuple[int, int, int]:
@@ -133,7 +143,7 @@ def make_config(case: Case) -> config_lib.Config:
   """The library config of one case, validated as train.py would (model_dir is never written)."""
   cfg = config_lib.Config(
       model=config_lib.ModelConfig(arch=case.arch, mixed_precision=PRECISIONS[case.precision],
-                                   width_multiplier=FLAGS.width_multiplier),
+                                   width_multiplier=FLAGS.width_multiplier, pool_grid=case.pool_grid),
       loss=config_lib.LossConfig(objective=case.objective, num_negatives=FLAGS.num_negatives,
                                  negative_sampling=FLAGS.negative_sampling),
       train=config_lib.TrainConfig(model_dir="unused-by-the-benchmark", batch_size=FLAGS.batch_size))
@@ -316,7 +326,9 @@ def markdown(report: dict[str, Any]) -> str:
   lines = [("| arch | precision | objective | bank rows | full step img/s (min-max) | encoder-only img/s | "
             "head+bank share | steps x repeats |"), "|---|---|---|--:|--:|--:|--:|--:|"]
   for r in report["results"]:
-    head = f"| {r['arch']} | {r['precision']} | {r['objective']} | {r['bank_size']:,} |"
+    grid = r.get("pool_grid", 1)
+    arch = r["arch"] if grid == 1 else f"{r['arch']}, pool grid {grid}"
+    head = f"| {arch} | {r['precision']} | {r['objective']} | {r['bank_size']:,} |"
     if "error" in r:
       lines.append(f"{head} error: {r['error'][:80]} | | | |")
       continue
@@ -359,7 +371,7 @@ def write_json(path: str, report: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_all(cases: list[Case], report: dict[str, Any]) -> int:
-  """Measures every case (grouped by arch and precision, which share one encoder-only baseline)."""
+  """Measures every case (grouped by arch, pool grid and precision, which share one encoder-only baseline)."""
   from absl import logging
 
   from tf_instdisc import distribute
@@ -367,7 +379,7 @@ def run_all(cases: list[Case], report: dict[str, Any]) -> int:
   strategy = distribute.make_strategy("one_device")
   errors, encoders = 0, {}
   for case in cases:
-    key = (case.arch, case.precision)
+    key = (case.arch, case.precision, case.pool_grid)
     if key not in encoders:
       encoders.clear()  # The previous group's baseline is done with.
       # The encoder-only state needs a bank to build; a softmax config gives it a token one and no classifier.
@@ -403,8 +415,9 @@ def main(argv: list[str]) -> int:
     print(f"train_step_bench.py: {e}", file=sys.stderr)
     return 2
   settings = {name: FLAGS[name].value for name in
-              ("quick", "archs", "objectives", "precisions", "batch_size", "width_multiplier", "image_shape",
-               "num_negatives", "negative_sampling", "xla_encoder", "steps", "max_seconds", "repeats", "warmup_steps")}
+              ("quick", "archs", "objectives", "precisions", "batch_size", "width_multiplier", "pool_grids",
+               "image_shape", "num_negatives", "negative_sampling", "xla_encoder", "steps", "max_seconds", "repeats",
+               "warmup_steps")}
   settings.update(bank_sizes=sorted({case.bank_size for case in cases}), strategy="one_device")
   report = {"benchmark": "train_step", "machine": machine_facts(), "settings": settings,
             "input": input_note(image_shape()), "results": []}

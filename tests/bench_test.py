@@ -54,19 +54,22 @@ class TrainStepBenchTest(tf.test.TestCase):
     self.assertIn("| arch | precision | objective | bank rows |", result.stdout)
     self.assertIn("QUOTED from another run, not measured here", result.stdout)
 
-  def test_the_fashion_mnist_step_is_measured_at_its_width_and_image_shape(self):
+  def test_the_fashion_mnist_step_is_measured_at_its_width_image_shape_and_pool_grids(self):
     output = os.path.join(self.get_temp_dir(), "fashion.json")
     result = run_bench("--quick", "--objectives=nce", "--precisions=fp32", "--width_multiplier=0.5",
-                       "--image_shape=28,28,1", f"--output={output}")
+                       "--image_shape=28,28,1", "--pool_grids=1,4", f"--output={output}")
     self.assertEqual(result.returncode, 0, result.stderr[-3000:])
     with open(output) as f:
       report = json.load(f)
-    self.assertEqual((report["settings"]["width_multiplier"], report["settings"]["image_shape"]),
-                     (0.5, ["28", "28", "1"]))
+    self.assertEqual((report["settings"]["width_multiplier"], report["settings"]["image_shape"],
+                      report["settings"]["pool_grids"]), (0.5, ["28", "28", "1"], ["1", "4"]))
     self.assertIn("synthetic float32 28x28x1 batches", report["input"])
-    [row] = report["results"]
-    self.assertNotIn("error", row)
-    self.assertGreater(row["images_per_sec"], 0.0)
+    self.assertEqual([row["pool_grid"] for row in report["results"]], [1, 4])  # One case per grid.
+    for row in report["results"]:
+      self.assertNotIn("error", row)
+      self.assertGreater(row["images_per_sec"], 0.0)
+    self.assertIn("| convnet_small | fp32 |", result.stdout)
+    self.assertIn("| convnet_small, pool grid 4 | fp32 |", result.stdout)
 
   def test_xla_encoder_compiles_the_baseline_step_with_xla(self):
     output = os.path.join(self.get_temp_dir(), "xla.json")
@@ -90,7 +93,8 @@ class TrainStepBenchTest(tf.test.TestCase):
     self.assertEqual(result.returncode, 2)
     self.assertIn("--num_negatives", result.stderr)
     self.assertFalse(os.path.exists(output))
-    for bad in ("--image_shape=28,28", "--image_shape=28,x,1", "--width_multiplier=0"):
+    for bad in ("--image_shape=28,28", "--image_shape=28,x,1", "--width_multiplier=0", "--pool_grids=0",
+                "--pool_grids=2,x"):
       with self.subTest(bad):
         result = run_bench("--quick", bad, f"--output={output}")
         self.assertEqual(result.returncode, 2)
