@@ -106,23 +106,22 @@ def _parse_cases() -> list[Case]:
   archs = check_choices("archs", config_lib.ARCHS)
   objectives = check_choices("objectives", config_lib.OBJECTIVES)
   precisions = check_choices("precisions", tuple(PRECISIONS))
-  try:
-    bank_sizes = [int(v) for v in FLAGS.bank_sizes]
-  except ValueError as e:
-    raise ValueError(f"--bank_sizes: expected comma-separated integers, got {FLAGS.bank_sizes}") from e
-  if not bank_sizes:
-    raise ValueError("--bank_sizes: must not be empty")
+  def check_integers(name: str) -> list[int]:
+    try:
+      values = [int(v) for v in FLAGS[name].value]
+    except ValueError:
+      values = []
+    if not values or min(values) < 1:
+      raise ValueError(f"--{name}: got {FLAGS[name].value}, expected a non-empty list of integers >= 1")
+    return values
+
+  bank_sizes = check_integers("bank_sizes")
   for name in ("steps", "repeats", "warmup_steps"):
     if FLAGS[name].value < 1:
       raise ValueError(f"--{name}: must be >= 1")
   if FLAGS.max_seconds <= 0:
     raise ValueError("--max_seconds: must be > 0")
-  try:
-    grids = [int(v) for v in FLAGS.pool_grids]
-  except ValueError as e:
-    raise ValueError(f"--pool_grids: expected comma-separated integers >= 1, got {FLAGS.pool_grids}") from e
-  if not grids or min(grids) < 1:
-    raise ValueError(f"--pool_grids: expected comma-separated integers >= 1, got {FLAGS.pool_grids}")
+  grids = check_integers("pool_grids")
   image_shape()
   return [Case(a, p, n, o, g) for a in archs for g in grids for p in precisions for n in bank_sizes
           for o in objectives]

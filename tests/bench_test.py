@@ -94,7 +94,7 @@ class TrainStepBenchTest(tf.test.TestCase):
     self.assertIn("--num_negatives", result.stderr)
     self.assertFalse(os.path.exists(output))
     for bad in ("--image_shape=28,28", "--image_shape=28,x,1", "--width_multiplier=0", "--pool_grids=0",
-                "--pool_grids=2,x"):
+                "--pool_grids=2,x", "--bank_sizes=x", "--bank_sizes=0"):
       with self.subTest(bad):
         result = run_bench("--quick", bad, f"--output={output}")
         self.assertEqual(result.returncode, 2)
