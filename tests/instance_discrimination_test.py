@@ -50,7 +50,8 @@ def _encoder(kind):
                                                pooling="avg", include_preprocessing=False)
   if kind == "resnet50":
     return keras.applications.ResNet50(include_top=False, weights=None, input_shape=(SIZE, SIZE, 3), pooling="avg")
-  return backbones.build_backbone("convnet_small", (SIZE, SIZE, 3), seed=0, sync_batchnorm=True)
+  pool_grid = 2 if kind == "convnet_small_pool_grid" else 1  # --pool_grid: the last stage's 2x2 cells, flattened.
+  return backbones.build_backbone("convnet_small", (SIZE, SIZE, 3), seed=0, sync_batchnorm=True, pool_grid=pool_grid)
 
 
 def _model(encoder=None, **kwargs):
@@ -62,7 +63,7 @@ def _model(encoder=None, **kwargs):
 
 class FitTest(tf.test.TestCase, parameterized.TestCase):
 
-  @parameterized.parameters("sequential", "mobilenet_v3_small", "resnet50", "convnet_small")
+  @parameterized.parameters("sequential", "mobilenet_v3_small", "resnet50", "convnet_small", "convnet_small_pool_grid")
   def test_fit_with_any_encoder(self, kind):
     model = _model(_encoder(kind))
     history = model.fit(_dataset(_images()), epochs=2, verbose=0)
