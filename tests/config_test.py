@@ -340,7 +340,7 @@ class HygieneTest(tf.test.TestCase, parameterized.TestCase):
 
   def test_no_library_module_imports_absl_flags(self):
     offenders = [os.path.relpath(p, PACKAGE_DIR) for p in _package_modules() if imports_absl_flags(_parse_module(p))]
-    self.assertEqual(offenders, [], "only entry points may define flags (STYLE.md 6.2)")
+    self.assertEqual(offenders, [], "only entry points may define flags (docs/design.md, house style)")
 
   def test_every_library_module_has_a_docstring(self):
     missing = [os.path.relpath(p, PACKAGE_DIR) for p in _package_modules() if not ast.get_docstring(_parse_module(p))]
@@ -349,7 +349,7 @@ class HygieneTest(tf.test.TestCase, parameterized.TestCase):
   def test_no_grab_bag_module_names(self):
     stems = [os.path.splitext(os.path.relpath(p, PACKAGE_DIR))[0] for p in _package_modules()]
     bad = [stem for stem in stems if set(stem.split(os.sep)) & set(FORBIDDEN_MODULE_NAMES)]
-    self.assertEqual(bad, [], "one concept per module, named after it (STYLE.md 6.3)")
+    self.assertEqual(bad, [], "one concept per module, named after it (docs/design.md, house style)")
 
 
 # --------------------------------------------------------------------------------------------------------------- CLI

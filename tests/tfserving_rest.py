@@ -1,6 +1,6 @@
 """Test helper (not a test): TF Serving's REST predict API in row format, as its documentation specifies it.
 
-No TF Serving binary installs here (DESIGN.md), so the tests check that the JSON a client sends maps onto our
+No TF Serving binary installs here (docs/design.md), so the tests check that the JSON a client sends maps onto our
 signatures the way the model server maps it (https://www.tensorflow.org/tfx/serving/api_rest, "Request format",
 "Encoding binary values"):
   - {"signature_name": s, "instances": [...]}; with one input, an instance is the value itself or {name: value};

@@ -239,7 +239,7 @@ def _values(variable):
 
 
 class ReplicaEquivalenceTest(tf.test.TestCase, parameterized.TestCase):
-  """Two replicas on the same global batch train exactly as one device (DESIGN.md: sync BN, global draws)."""
+  """Two replicas on the same global batch train exactly as one device (docs/design.md: sync BN, global draws)."""
 
   @parameterized.named_parameters(
       ("nce_shared", dict(objective="nce", negative_sampling="shared", num_negatives=8)),

@@ -1,6 +1,6 @@
 """Run configuration: frozen dataclass sections and their validation.
 
-Every field name is also the name of one `train.py` flag (STYLE.md 6.2); `train.config_from_flags()` is the only
+Every field name is also the name of one `train.py` flag (docs/design.md); `train.config_from_flags()` is the only
 place where the two meet. Durations are in epochs here; `train_lib.run` converts them to steps once, because
 only it knows the dataset size.
 """
@@ -49,7 +49,7 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class AugmentConfig:
-  """Training augmentation, as the official code (PAPER.md)."""
+  """Training augmentation, as the paper's official code (lemniscate.pytorch)."""
 
   crop_scale_min: float = 0.2
   crop_scale_max: float = 1.0

@@ -1,6 +1,6 @@
 """tf.distribute glue: strategy construction and replica collectives that are no-ops on one replica.
 
-Only this module and train_lib touch the replica context (STYLE.md 6.6).
+Only this module and the train step (train_lib, instance_discrimination) touch the replica context (docs/design.md).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ Usage (any encoder mapping images to features [B, F], any dataset of (image, ins
   model.fit(with_instance_ids(images_ds).shuffle(n).batch(256, drop_remainder=True), epochs=10)
 
 Under a tf.distribute strategy, build and compile the model inside `strategy.scope()`: every replica then holds a
-copy of the bank and applies the same all-gathered update, so the copies stay identical (DESIGN.md). train.py
+copy of the bank and applies the same all-gathered update, so the copies stay identical (docs/design.md). train.py
 (train_lib) drives this same train_step in its own loop.
 """
 
@@ -365,7 +365,7 @@ class InstanceDiscrimination(keras.Model):
   def compile(self, optimizer="sgd", *, jit_compile: bool | str = False, **kwargs) -> None:
     """As keras.Model.compile, without a loss (the method is its loss). XLA is off by default, not Keras' "auto"
     (on for GPUs): the bank update's tf.unique has a data-dependent shape XLA cannot compile, and on our CPUs the
-    step measured slower under XLA anyway (DESIGN.md)."""
+    step measured slower under XLA anyway (docs/design.md)."""
     super().compile(optimizer=optimizer, jit_compile=jit_compile, **kwargs)
 
   def compile_from_config(self, config: dict[str, Any]) -> None:

@@ -4,7 +4,7 @@ Shapes: B = rows per call, N = num_instances, D = embedding_dim, K = num_negativ
 (default), or in bfloat16 / float16 to halve its memory (1.28M x 128: 656 MB -> 328 MB); reads return float32 and
 updates are computed in float32, then rounded once on the write. Z is float32. Create the bank inside
 `strategy.scope()`: every replica then holds a copy, and the train step keeps them identical by applying the same
-all-gathered update on each (DESIGN.md).
+all-gathered update on each (docs/design.md).
 
 The bank is a Keras layer, so a keras.Model that owns it (InstanceDiscrimination) saves it in `.keras` files and
 in tf.train checkpoints alike; `bank` and `normalizer` are the underlying tf.Variables (mirrored under a strategy).
@@ -36,7 +36,7 @@ class MemoryBank(keras.layers.Layer):
     self.embedding_dim = embedding_dim
     self.seed = seed
     self.storage_dtype = tf.as_dtype(dtype)
-    # aggregation NONE + ON_WRITE: every replica owns a copy and updates it itself, in place (DESIGN.md).
+    # aggregation NONE + ON_WRITE: every replica owns a copy and updates it itself, in place (docs/design.md).
     self.rows = keras.Variable(
         tf.cast(random_unit_rows(num_instances, embedding_dim, seed=seed), self.storage_dtype), trainable=False,
         name="bank", autocast=False, synchronization="on_write", aggregation="none")

@@ -1,6 +1,6 @@
 """Evaluation results: JSON files, the Markdown results table, and the paper's numbers to put beside ours.
 
-The paper's numbers are restated from ../shared/PAPER.md (Wu et al. 2018, Tables 1-5, Figure 6). They were
+The paper's numbers are restated from the paper itself (Wu et al. 2018, Tables 1-5, Figure 6). They were
 measured on CIFAR-10 and ImageNet; our rows name their own dataset, so a reader sees at a glance when the two are
 not the same experiment.
 """

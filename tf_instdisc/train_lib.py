@@ -584,7 +584,7 @@ class _Run:
           self._save()
 
   def final_evaluation(self) -> dict[str, Any]:
-    """kNN of the eval split against clean recomputed train features (the real number, DESIGN.md)."""
+    """kNN of the eval split against clean recomputed train features (the real number, docs/design.md)."""
     if self.evaluator is None or not self.cfg.eval.final_eval:
       logging.info("time: %s", self.clock.describe())
       return {}
