@@ -100,7 +100,7 @@ class SelfContainedTest(unittest.TestCase):
 
   def test_detector_finds_outside_references(self):
     name = "DES" + "IGN.md"
-    shared = ".." + "/shared/notes.txt"
+    shared = "/".join(("..", "shared", "notes.txt"))
     found = outside_references(REPO_ROOT, "docs/x.md", f"ok line\nsee {name}\nsee {shared}\n[r](../README.md#a)\n")
     self.assertEqual(len(found), 3, found)
     self.assertTrue(found[0].startswith("docs/x.md:2:"), found)
