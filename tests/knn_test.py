@@ -4,8 +4,10 @@ from tests import testing  # First: splits the CPU before TensorFlow starts.
 
 # isort: split
 
+import gc
 import os
 import tempfile
+import weakref
 from unittest import mock
 
 import keras
@@ -192,6 +194,51 @@ class KnnEvaluatorTest(tf.test.TestCase):
     evaluator, model, keys, _ = self._setup(train_label_permutation=np.arange(64))
     self.assertEqual(dict(evaluator.run(model, tf.Variable(keys, trainable=False))),
                      {"knn_top1": 1.0, "knn_top5": 1.0})
+
+
+class TracingTest(tf.test.TestCase):
+  """The monitor embeds and scores again at every epoch: its tf.functions trace a bounded number of times, not at
+  every call (TensorFlow's "triggered tf.function retracing" warnings of every epoch of a folder run)."""
+
+  def test_embedding_traces_at_most_twice_per_model_whatever_the_batches(self):
+    images, labels = testing.tiny_arrays(20, num_classes=4, seed=0)
+    model = _angle_model(images.shape[1:])
+    slices = {data_lib.IMAGE_KEY: images.astype(np.float32), data_lib.LABEL_KEY: labels}
+    expected = model(images.astype(np.float32)).numpy()
+    for batch_size in (6, 6, 7, 4, 20, 3):  # Last batches of 2, 2, 6, 4 (full), 20 (full) and 2 images.
+      features, _ = knn.compute_embeddings(model, tf.data.Dataset.from_tensor_slices(slices).batch(batch_size))
+      self.assertAllClose(features, expected, atol=1e-6)
+    function = knn.embedding_function(model)
+    self.assertIs(knn.embedding_function(model), function)  # One function per model, made once.
+    self.assertLessEqual(function.experimental_get_tracing_count(), 2)  # One batch size, then any batch size.
+    other = _angle_model(images.shape[1:])
+    self.assertIsNot(knn.embedding_function(other), function)
+
+  def test_the_cache_does_not_keep_a_model_alive(self):
+    def model(images, training):
+      del training
+      return images[:, 0, 0, :]
+
+    knn.embedding_function(model)(tf.zeros([2, 3, 3, 1]))
+    self.assertIn(model, knn._EMBED_FUNCTIONS)
+    model_ref = weakref.ref(model)
+    del model
+    gc.collect()
+    self.assertIsNone(model_ref())  # Its function, traced, held it only weakly.
+
+  def test_knn_accuracy_traces_once_for_any_number_of_queries_keys_and_temperatures(self):
+    keys, key_labels = _clusters(8, 8, 8, noise=0.6, seed=9)
+    before = knn._top_classes.experimental_get_tracing_count()
+    for seed, (num_queries, temperature) in enumerate(((3, 0.07), (8, 0.5), (21, 0.1), (16, 0.07))):
+      queries = _unit_rows(num_queries, 8, seed=20 + seed)
+      query_labels = np.random.default_rng(seed).integers(0, 8, num_queries)
+      result = knn.knn_accuracy(queries, query_labels, tf.constant(keys), key_labels, k=6, temperature=temperature,
+                                num_classes=8, query_batch=8)  # New keys each call, as each epoch's bank.
+      expected = numpy_knn_accuracy(queries, query_labels, keys, key_labels, k=6, temperature=temperature,
+                                    num_classes=8)
+      self.assertAllClose([result["knn_top1"], result["knn_top5"]], [expected["knn_top1"], expected["knn_top5"]],
+                          atol=1e-9)
+    self.assertLessEqual(knn._top_classes.experimental_get_tracing_count() - before, 1)
 
 
 

@@ -6,8 +6,10 @@ scanned in chunks, so memory stays O(Q x chunk) even at N = 1.28M. Evaluation wr
 
 from __future__ import annotations
 
+import inspect
 import time
-from typing import Iterator
+import weakref
+from typing import Any, Callable, Iterator
 
 import keras
 import numpy as np
@@ -18,6 +20,32 @@ from tf_instdisc import config as config_lib
 from tf_instdisc import data as data_lib
 
 DEFAULT_CHUNK = 65536
+
+# The tf.functions of an evaluation are made once, not per call: TensorFlow counts the traces of every tf.function
+# made from the same Python code together, so one made per call traced at every call and, from the fifth, logged
+# "N out of the last N calls to <lambda> triggered tf.function retracing" at every epoch's monitor.
+_EMBED_FUNCTIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its embedding tf.function.
+
+
+def embedding_function(model: Callable[..., Any]) -> Callable[[tf.Tensor], tf.Tensor]:
+  """`model(images, training=False)` as a tf.function, made once per model and kept while the model lives.
+
+  reduce_retracing: a batch of another size (the last, short batch of a split) traces once more, a function of any
+  batch size, and no batch size traces after that. A model that cannot be weakly referenced (or a bound method,
+  a new object at each access) gets a function of its own at each call.
+  """
+  if not inspect.ismethod(model):
+    try:
+      function = _EMBED_FUNCTIONS.get(model)
+    except TypeError:  # Not weakly referable or not hashable.
+      pass
+    else:
+      if function is None:
+        model_ref = weakref.ref(model)  # Weak: the function, a value of the cache, must not keep its key alive.
+        function = tf.function(lambda images: model_ref()(images, training=False), reduce_retracing=True)
+        _EMBED_FUNCTIONS[model] = function
+      return function
+  return tf.function(lambda images: model(images, training=False), reduce_retracing=True)
 
 
 def top_k_neighbors(queries: tf.Tensor, keys: tf.Tensor, *, k: int, chunk_size: int = DEFAULT_CHUNK
@@ -69,6 +97,19 @@ def knn_predict(queries: tf.Tensor, keys: tf.Tensor, key_labels: tf.Tensor, *, k
   return vote(scores, tf.gather(key_labels, ids), temperature=temperature, num_classes=num_classes)
 
 
+@tf.function
+def _top_classes(queries: tf.Tensor, keys: tf.Tensor, key_labels: tf.Tensor, temperature: tf.Tensor, *, k: int,
+                 num_classes: int) -> tf.Tensor:
+  """The min(5, C) best classes [Q, min(5, C)] of each query's weighted kNN vote, best first.
+
+  One function for every call (see _EMBED_FUNCTIONS): it traces once per shape of queries and keys and per k and C
+  (Python ints: they fix shapes); the temperature is a tensor, so a sweep over it does not trace again. No
+  reduce_retracing: the chunked scan needs the static number of keys.
+  """
+  scores = knn_predict(queries, keys, key_labels, k=k, temperature=temperature, num_classes=num_classes)
+  return tf.math.top_k(scores, k=min(5, num_classes)).indices
+
+
 class Progress:
   """Logs "<what> done/total, rate, ETA" at most every log_every_seconds (long passes over ImageNet)."""
 
@@ -104,7 +145,7 @@ def compute_embeddings(model: keras.Model, dataset: tf.data.Dataset, *, total: i
     ValueError: f"--data_dir: cannot decode image {path}" for a folder split's bad file (see
       data.name_undecodable); other pipeline errors propagate unchanged.
   """
-  embed = tf.function(lambda images: model(images, training=False), reduce_retracing=True)
+  embed = embedding_function(model)
   features, labels = [], []
   progress = Progress(total, log_every_seconds, what="embedded")
   iterator = iter(dataset)
@@ -142,15 +183,17 @@ def knn_accuracy(query_features: np.ndarray, query_labels: np.ndarray, keys: tf.
     {"knn_top1": float, "knn_top5": float} in [0, 1].
   """
   key_label_tensor = tf.constant(key_labels, tf.int64)
-  predict = tf.function(
-      lambda queries: knn_predict(queries, keys, key_label_tensor, k=k, temperature=temperature,
-                                  num_classes=num_classes),
-      reduce_retracing=True)
+  temperature_tensor = tf.constant(temperature, tf.float32)
+  query_features = np.asarray(query_features, np.float32)
   top1 = top5 = 0
   for start in range(0, len(query_features), query_batch):
-    scores = predict(tf.constant(query_features[start:start + query_batch]))
+    queries = query_features[start:start + query_batch]
     labels = query_labels[start:start + query_batch]
-    ranked = tf.math.top_k(scores, k=min(5, num_classes)).indices.numpy()
+    # Every batch is query_batch rows (the last padded with zero rows, whose classes are dropped): one shape, so
+    # one trace for all the batches of all the calls with keys of one shape.
+    padded = np.pad(queries, [(0, query_batch - len(queries)), (0, 0)])
+    ranked = _top_classes(tf.constant(padded), keys, key_label_tensor, temperature_tensor, k=k,
+                          num_classes=num_classes).numpy()[:len(queries)]
     top1 += int(np.sum(ranked[:, 0] == labels))
     top5 += int(np.sum(np.any(ranked == labels[:, None], axis=1)))
   count = max(len(query_features), 1)
