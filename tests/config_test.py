@@ -150,6 +150,36 @@ class ValidateAgainstDataTest(tf.test.TestCase, parameterized.TestCase):
     cfg = testing.replace(testing.tiny_config(), **overrides)
     self.assertIsNone(config_lib.validate_against_data(cfg, num_instances=num_instances))
 
+  def test_too_many_negatives_names_a_value_that_works(self):
+    cfg = testing.replace(testing.tiny_config(), num_negatives=4096)
+    with self.assertRaisesRegex(ValueError, r"^--num_negatives: 4096 must be smaller than the number of instances "
+                                r"\(4000\), e\.g\. 2048 "):
+      config_lib.validate_against_data(cfg, num_instances=4000)
+
+
+class FitToDataTest(tf.test.TestCase, parameterized.TestCase):
+
+  @parameterized.parameters((4000, 2048), (4096, 2048), (1025, 1024), (300, 256), (64, 32), (3, 2), (2, 1))
+  def test_num_negatives_is_capped_below_the_instances(self, num_instances, capped):
+    cfg = testing.replace(testing.tiny_config(), num_negatives=4096, batch_size=2)
+    fitted, notes = config_lib.fit_to_data(cfg, num_instances=num_instances)
+    self.assertEqual(fitted.loss.num_negatives, capped)
+    self.assertEqual(fitted, testing.replace(cfg, num_negatives=capped))  # Nothing else changes.
+    self.assertEqual(notes, [f"--num_negatives: 4096 capped to {capped}, below the {num_instances} training "
+                             "instances (NCE draws its negatives from them)"])
+    self.assertIsNone(config_lib.validate_against_data(fitted, num_instances=num_instances))
+    self.assertEqual(cfg.loss.num_negatives, 4096)  # The given config is left as it was.
+
+  @parameterized.named_parameters(
+      ("fewer_negatives_than_instances", {"num_negatives": 4095}, 4096),
+      ("softmax", {"objective": "softmax"}, 64),
+      ("parametric", {"objective": "parametric"}, 64),
+      ("too_few_instances_to_fit", {}, 1),  # validate_against_data names --dataset.
+  )
+  def test_nothing_to_fit_is_left_alone(self, overrides, num_instances):
+    cfg = testing.replace(testing.tiny_config(), **{"num_negatives": 4096, **overrides})
+    self.assertEqual(config_lib.fit_to_data(cfg, num_instances=num_instances), (cfg, []))
+
 
 # ------------------------------------------------------------------------------------------------------ round trips
 class DictRoundTripTest(tf.test.TestCase):

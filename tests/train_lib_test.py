@@ -658,9 +658,23 @@ class RefusedStartTest(tf.test.TestCase):
 
   def test_a_refused_first_start_creates_no_model_dir(self):
     model_dir = os.path.join(self.create_tempdir().full_path, "new")
-    with self.assertRaisesRegex(ValueError, "^--num_negatives"):
-      train_lib.run(testing.tiny_config(model_dir, num_negatives=64), self.strategy, self.source, flags_text="x\n")
+    with self.assertRaisesRegex(ValueError, "^--batch_size"):
+      train_lib.run(testing.tiny_config(model_dir, batch_size=128), self.strategy, self.source, flags_text="x\n")
     self.assertFalse(os.path.exists(model_dir))
+
+  def test_more_negatives_than_instances_are_capped_and_the_run_records_the_cap(self):
+    model_dir = self.create_tempdir().full_path
+    cfg = testing.tiny_config(model_dir, objective="nce", num_negatives=4096, epochs=1, final_eval=False)
+    with self.assertLogs("absl", "WARNING") as logs:
+      train_lib.run(cfg, self.strategy, testing.tiny_source(n=300))
+    self.assertIn("--num_negatives: 4096 capped to 256, below the 300 training instances", "\n".join(logs.output))
+    with open(os.path.join(model_dir, checkpointing.CONFIG_FILE)) as f:
+      self.assertEqual(json.load(f)["loss"]["num_negatives"], 256)
+    self.assertLen(_read_metrics(model_dir), 1)
+    self.assertTrue(np.isfinite(_read_metrics(model_dir)[0]["loss"]))
+    # A resume with the same flags caps them the same way and continues.
+    train_lib.run(testing.replace(cfg, epochs=2), self.strategy, testing.tiny_source(n=300))
+    self.assertEqual([r["epoch"] for r in _read_metrics(model_dir)], [1, 2])
 
   def test_flags_txt_holds_the_flags_of_the_last_accepted_start_once(self):
     model_dir = self.create_tempdir().full_path

@@ -292,7 +292,8 @@ def validate_against_data(cfg: Config, *, num_instances: int) -> None:
   _check(num_instances >= 2, "dataset", f"needs at least 2 training images, found {num_instances}")
   if cfg.loss.objective == "nce":
     _check(cfg.loss.num_negatives < num_instances, "num_negatives",
-           f"{cfg.loss.num_negatives} must be smaller than the number of instances ({num_instances})")
+           f"{cfg.loss.num_negatives} must be smaller than the number of instances ({num_instances}), e.g. "
+           f"{power_of_two_below(num_instances)} (fit_to_data caps it so: train.py does)")
   _check(cfg.loss.group_clusters <= cfg.train.batch_size, "group_clusters",
          f"{cfg.loss.group_clusters} groups need a global batch of at least as many images (--batch_size="
          f"{cfg.train.batch_size})")
@@ -300,6 +301,30 @@ def validate_against_data(cfg: Config, *, num_instances: int) -> None:
          f"{cfg.loss.neighbours} neighbours need more instances than that ({num_instances})")
   _check(cfg.train.batch_size <= num_instances, "batch_size",
          f"{cfg.train.batch_size} is larger than the number of instances ({num_instances})")
+
+
+def power_of_two_below(number: int) -> int:
+  """The largest power of two smaller than number (>= 2)."""
+  return 1 << ((number - 1).bit_length() - 1)
+
+
+def fit_to_data(cfg: Config, *, num_instances: int) -> tuple[Config, list[str]]:
+  """cfg fitted to a training set of num_instances images, and a note (a sentence naming the flag) per change.
+
+  --num_negatives of the objective nce must be smaller than the number of instances (the noise is drawn from the
+  bank's rows); a recipe's 4096, sized for ImageNet and CIFAR, is capped to the largest power of two below the
+  number of instances, so a small folder trains with the recipe as it is. Nothing else changes; a dataset of fewer
+  than 2 images is left to validate_against_data to refuse. Pure: the caller logs the notes (train_lib does, and
+  config.json records the capped value).
+  """
+  notes = []
+  loss = cfg.loss
+  if loss.objective == "nce" and num_instances >= 2 and loss.num_negatives >= num_instances:
+    capped = power_of_two_below(num_instances)
+    notes.append(f"--num_negatives: {loss.num_negatives} capped to {capped}, below the {num_instances} training "
+                 "instances (NCE draws its negatives from them)")
+    cfg = dataclasses.replace(cfg, loss=dataclasses.replace(loss, num_negatives=capped))
+  return cfg, notes
 
 
 def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:

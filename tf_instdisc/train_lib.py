@@ -352,6 +352,12 @@ class _Run:
     self.chief = distribute.is_chief(strategy)
     check_model_dir(self.model_dir)
     self.source = source or data_lib.load_source(cfg.data)
+    # What the recipe asks beyond this data and can be fitted to it (--num_negatives on a small folder): the run,
+    # its config.json and a resume all use the fitted config.
+    cfg, notes = config_lib.fit_to_data(cfg, num_instances=self.source.train.num_examples)
+    self.cfg = cfg
+    for note in notes:
+      logging.warning("%s", note)
     self.plan = plan_run(cfg, self.source)
     self.identity = checkpointing.run_identity(
         dataset=cfg.data.dataset, num_instances=self.plan.num_instances, arch=cfg.model.arch,
