@@ -24,11 +24,25 @@ def _targets(build_text: str) -> dict[str, dict[str, list[str]]]:
 
 
 def _project_imports(path: str) -> set[str]:
+  """Target names of the project modules a file imports: `from tf_instdisc import x` -> x, `from
+  tf_instdisc.cli import train` -> cli_train."""
   names = set()
   for node in ast.walk(ast.parse(open(path).read())):
     if isinstance(node, ast.ImportFrom) and node.module == "tf_instdisc":
       names |= {alias.name for alias in node.names}
+    elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("tf_instdisc."):
+      package = node.module[len("tf_instdisc."):].replace(".", "_")
+      names |= {f"{package}_{alias.name}" for alias in node.names}
   return names
+
+
+def _module_target(path: str) -> str | None:
+  """The target of a module under tf_instdisc/: x.py -> x, a subpackage's __init__.py -> its name, cli/train.py ->
+  cli_train; None for the package's own __init__.py (target init)."""
+  parts = os.path.relpath(path, os.path.join(testing.REPO_ROOT, "tf_instdisc"))[:-3].split(os.sep)
+  if parts == ["__init__"]:
+    return None
+  return "_".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 class BuildTest(absltest.TestCase):
@@ -39,13 +53,13 @@ class BuildTest(absltest.TestCase):
       self.targets = _targets(f.read())
 
   def test_every_module_has_a_library_whose_deps_are_its_imports(self):
-    for path in sorted(glob.glob(os.path.join(testing.REPO_ROOT, "tf_instdisc", "*.py"))):
-      module = os.path.basename(path)[:-3]
-      if module == "__init__":
+    for path in sorted(glob.glob(os.path.join(testing.REPO_ROOT, "tf_instdisc", "**", "*.py"), recursive=True)):
+      module = _module_target(path)
+      if module is None:
         continue
       with self.subTest(module):
         self.assertEqual(self.targets[module]["kind"], "py_library")
-        self.assertEqual(self.targets[module]["srcs"], [f"tf_instdisc/{module}.py"])
+        self.assertEqual(self.targets[module]["srcs"], [os.path.relpath(path, testing.REPO_ROOT)])
         self.assertEqual({d.lstrip(":") for d in self.targets[module]["deps"]} - {"init"}, _project_imports(path))
 
   def test_every_test_file_has_a_py_test_depending_on_what_it_imports(self):

@@ -980,3 +980,71 @@ class TwoViewsTest(tf.test.TestCase):
       self.assertAllEqual(single[data.IMAGE_KEY], pair[data.IMAGE_KEY])  # View 1 is the one-view run's view.
       self.assertEqual(pair[data.SECOND_VIEW_KEY].shape, pair[data.IMAGE_KEY].shape)
       self.assertNotAllClose(pair[data.SECOND_VIEW_KEY], pair[data.IMAGE_KEY])
+
+
+class TrainingDatasetTest(tf.test.TestCase):
+  """tf_instdisc.training_dataset: the recipe's pipeline over a Keras user's images, the batches train.py trains on."""
+
+  def _recipe(self, **overrides) -> config_lib.Config:
+    return testing.replace(testing.tiny_config(epochs=3, batch_size=16, crop_scale_min=0.5,
+                                               color_jitter=0.3, horizontal_flip=True), **overrides)
+
+  def _same_batches(self, mine, theirs) -> None:
+    self.assertEqual(sorted(mine), sorted(theirs))
+    for key in theirs:
+      self.assertAllEqual(mine[key], theirs[key], msg=key)
+
+  def test_every_epoch_is_train_pys_epoch_from_an_array(self):
+    images, labels = testing.tiny_arrays(64)
+    recipe = self._recipe()
+    stream = data.training_dataset(images, recipe)
+    self.assertEqual(stream.steps_per_epoch, 4)
+    self.assertEqual(int(stream.cardinality()), 3 * 4)
+    batches = list(stream)
+    source = data.source_from_arrays("tiny", images, labels, num_classes=4)
+    for epoch in range(3):
+      for step, theirs in enumerate(data.make_train_dataset(source, recipe.data, recipe.augment, batch_size=16,
+                                                            seed=recipe.train.seed, epoch=epoch)):
+        mine = batches[epoch * 4 + step]
+        self.assertAllEqual(mine["instance_id"], theirs["instance_id"])
+        self.assertAllEqual(mine["image"], theirs["image"])
+    # Each epoch is a permutation of all ids; epochs differ.
+    for epoch in range(3):
+      ids = np.concatenate([b["instance_id"].numpy() for b in batches[epoch * 4:(epoch + 1) * 4]])
+      self.assertCountEqual(ids, range(64))
+    self.assertNotAllEqual(batches[0]["instance_id"], batches[4]["instance_id"])
+
+  def test_a_dataset_of_images_gives_the_same_batches_as_the_array(self):
+    images, _ = testing.tiny_arrays(64)
+    recipe = self._recipe(epochs=2)
+    from_array = list(data.training_dataset(images, recipe))
+    from_dataset = list(data.training_dataset(tf.data.Dataset.from_tensor_slices(images), recipe))
+    self.assertLen(from_dataset, len(from_array))
+    for mine, theirs in zip(from_dataset, from_array):
+      self._same_batches(mine, theirs)
+    grey = list(data.training_dataset(images[..., 0], recipe))  # [N, H, W] gets its channel axis.
+    self.assertAllEqual(grey[0]["image"], from_array[0]["image"])
+
+  def test_resuming_at_an_epoch_continues_the_same_stream(self):
+    images, _ = testing.tiny_arrays(64)
+    recipe = self._recipe()
+    whole = list(data.training_dataset(images, recipe))
+    later = list(data.training_dataset(images, recipe, initial_epoch=2))
+    self.assertLen(later, 4)
+    for mine, theirs in zip(later, whole[8:]):
+      self._same_batches(mine, theirs)
+
+  def test_refusals(self):
+    images, _ = testing.tiny_arrays(64)
+    with self.assertRaisesRegex(ValueError, "batched .*unbatch"):
+      data.training_dataset(tf.data.Dataset.from_tensor_slices(images).batch(8), self._recipe())
+    with self.assertRaisesRegex(ValueError, "train_minutes=5 .*epochs=N"):
+      data.training_dataset(images, self._recipe(train_minutes=5.0, lr_schedule="cosine"))
+    with self.assertRaisesRegex(ValueError, "images: 8 make no batch"):
+      data.training_dataset(images[:8], self._recipe())
+    with self.assertRaisesRegex(ValueError, r"images: expected an array \[N, H, W, C\]"):
+      data.training_dataset(images[0, 0, 0], self._recipe())
+    with self.assertRaisesRegex(ValueError, "initial_epoch: 3"):
+      data.training_dataset(images, self._recipe(), initial_epoch=3)
+    with self.assertRaisesRegex(ValueError, "not square; pass image_size"):
+      data.training_dataset(np.zeros((32, 8, 6, 1), np.uint8), self._recipe())

@@ -4,6 +4,7 @@ replicas, the .keras round trip, the callbacks, export from Python, and train.py
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 from unittest import mock
@@ -19,6 +20,7 @@ import tf_instdisc
 from tf_instdisc import artifact
 from tf_instdisc import backbones
 from tf_instdisc import callbacks
+from tf_instdisc import checkpointing
 from tf_instdisc import data as data_lib
 from tf_instdisc import instance_discrimination as id_lib
 from tf_instdisc import objectives
@@ -356,6 +358,46 @@ class DriversTest(tf.test.TestCase):
     self.assertAllClose(history.history["loss"][0], float(loop_metrics["loss"]), rtol=1e-5)
 
 
+  def test_library_fit_path_trains_as_train_lib_run(self):
+    """The public path (recipe -> from_recipe -> training_dataset -> fit) and train.py's whole run (train_lib.run:
+    its own loop, per-epoch pipelines, checkpoints, monitor) end with the same weights and bank."""
+    model_dir = self.create_tempdir().full_path
+    cfg = testing.tiny_config(model_dir, objective="nce", num_negatives=8, head_batchnorm=True, epochs=2,
+                              final_eval=False)
+    source = testing.tiny_source()
+    train_lib.run(cfg, tf.distribute.get_strategy(), source)
+    images, _ = testing.tiny_arrays()
+    recipe = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, model_dir=""))
+    model = tf_instdisc.InstanceDiscrimination.from_recipe(recipe, len(images), images.shape[1:])
+    history = model.fit(tf_instdisc.training_dataset(images, recipe), epochs=recipe.train.epochs, verbose=0)
+    self.assertLen(history.history["loss"], 2)
+    self.assertEqual(int(model.step.numpy()), 2 * (64 // 16))
+    restored = tf_instdisc.InstanceDiscrimination.from_recipe(recipe, len(images), images.shape[1:],
+                                                              compiled=False)
+    checkpointing.restore_model(restored, model_dir)
+    for mine, theirs in zip(model.weights, restored.weights, strict=True):
+      self.assertAllClose(mine.numpy(), theirs.numpy(), atol=1e-5, rtol=1e-5, msg=mine.path)
+    self.assertAllClose(model.bank.numpy(), restored.bank.numpy(), atol=1e-5)
+
+  def test_from_recipe_compiles_the_recipes_optimizer_and_refuses_a_time_budget(self):
+    recipe = tf_instdisc.recipe("smoke", epochs=4, batch_size=16, arch="convnet_small", embedding_dim=16)
+    model = tf_instdisc.InstanceDiscrimination.from_recipe(recipe, 64, (8, 8, 1))
+    self.assertIsInstance(model.optimizer, keras.optimizers.SGD)
+    self.assertAllClose(float(model.optimizer.momentum), recipe.optim.momentum)
+    self.assertEqual(model.steps_per_execution, recipe.train.steps_per_loop)
+    # The cosine schedule over 4 epochs of 64 // 16 steps ends at 0.
+    self.assertAllClose(float(model.optimizer._learning_rate(4 * 4)), 0.0, atol=1e-7)  # The schedule itself.
+    self.assertEqual(model.objective, "softmax")
+    with self.assertRaisesRegex(ValueError, "train_minutes=45 .*epochs=N"):
+      tf_instdisc.InstanceDiscrimination.from_recipe(tf_instdisc.recipe("fashion_mnist"), 64, (28, 28, 1))
+    with self.assertRaisesRegex(ValueError, "recipe: expected a tf_instdisc.recipe"):
+      tf_instdisc.InstanceDiscrimination.from_recipe({"epochs": 2}, 64, (8, 8, 1))
+
+  def test_from_recipe_caps_the_negatives_below_a_small_dataset(self):
+    recipe = tf_instdisc.recipe("fashion_mnist", epochs=2, batch_size=16, width_multiplier=0.25)
+    model = tf_instdisc.InstanceDiscrimination.from_recipe(recipe, 100, (28, 28, 1))
+    self.assertEqual(model.loss_config.num_negatives, 64)
+
   def test_train_py_trains_a_keras_application_end_to_end(self):
     model_dir = self.create_tempdir().full_path
     cfg = testing.tiny_config(model_dir, arch="keras.MobileNetV3Small", image_size=32, epochs=1, num_negatives=8)
@@ -375,6 +417,14 @@ class DriversTest(tf.test.TestCase):
 
 
 class WithInstanceIdsTest(tf.test.TestCase):
+
+  def test_a_batched_dataset_is_refused_with_how_to_unbatch(self):
+    batched = tf.data.Dataset.from_tensor_slices(_images(8, size=4)).batch(4)
+    with self.assertRaisesRegex(ValueError, "batched .*unbatch.*batch_size=None, shuffle=False"):
+      id_lib.with_instance_ids(batched)
+    with self.assertRaisesRegex(ValueError, "batched"):
+      id_lib.with_instance_ids(tf.data.Dataset.from_tensor_slices((_images(8, size=4), np.arange(8))).batch(2))
+    self.assertLen(list(id_lib.with_instance_ids(batched.unbatch())), 8)
 
   def test_ids_follow_the_order_before_any_shuffle(self):
     images = _images(6, size=4)
@@ -422,6 +472,44 @@ class KnnMonitorTest(tf.test.TestCase):
     wrong.set_model(model)
     with self.assertRaisesRegex(ValueError, "10 labels, the bank 32 rows"):
       wrong.evaluate()
+
+  def _monitored_epochs(self, epochs: int, *, epoch_seconds: float, evaluate_seconds: float, **kwargs):
+    """The epochs (0-based) after which a KnnMonitor scored, its seconds and the wall seconds, on a fake clock."""
+    monitor = callbacks.KnnMonitor(tf.data.Dataset.range(1), train_labels=np.zeros(N, np.int64), **kwargs)
+    clock = [100.0]
+
+    def evaluate():
+      clock[0] += evaluate_seconds
+      return {"knn_top1": 0.5, "knn_top5": 0.9}
+
+    monitored = []
+    with mock.patch.object(callbacks, "time") as fake_time, mock.patch.object(monitor, "evaluate", evaluate):
+      fake_time.time.side_effect = lambda: clock[0]
+      monitor.set_params({"epochs": epochs, "verbose": 0, "steps": 1})
+      monitor.on_train_begin()
+      for epoch in range(epochs):
+        clock[0] += epoch_seconds
+        logs = {"loss": 1.0}
+        monitor.on_epoch_end(epoch, logs)
+        if "knn_top1" in logs:
+          monitored.append(epoch)
+    return monitored, sum(evaluate_seconds for _ in monitored), clock[0] - 100.0
+
+  def test_the_monitor_keeps_within_its_time_share_of_the_fit(self):
+    # 2 s epochs and a 0.5 s evaluation: after every epoch it took 20% of the fit.
+    monitored, seconds, wall = self._monitored_epochs(40, epoch_seconds=2.0, evaluate_seconds=0.5)
+    self.assertEqual((monitored[0], monitored[-1]), (0, 39))  # The first measures its cost; the last is scored.
+    self.assertBetween(len(monitored), 4, 20)
+    self.assertLessEqual(seconds, callbacks.schedules.MONITOR_TIME_SHARE * wall + 0.5)
+    # A cheap one (3% of an epoch) runs after every epoch, as every_epochs asks.
+    self.assertEqual(self._monitored_epochs(10, epoch_seconds=30.0, evaluate_seconds=1.0)[0], list(range(10)))
+    # time_share=None: after every every_epochs-th epoch, whatever it costs (the old behaviour).
+    self.assertEqual(self._monitored_epochs(9, epoch_seconds=2.0, evaluate_seconds=5.0, time_share=None)[0],
+                     list(range(9)))
+    self.assertEqual(self._monitored_epochs(9, epoch_seconds=2.0, evaluate_seconds=5.0, time_share=None,
+                                            every_epochs=4)[0], [3, 7])
+    with self.assertRaisesRegex(ValueError, "time_share must be >= 0"):
+      callbacks.KnnMonitor(tf.data.Dataset.range(1), train_labels=np.zeros(N), time_share=-0.1)
 
 
 class ExportFromPythonTest(tf.test.TestCase):

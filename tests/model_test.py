@@ -14,6 +14,7 @@ from absl.testing import parameterized
 
 from tf_instdisc import config as config_lib
 from tf_instdisc import model as model_lib
+from tf_instdisc import precision
 
 INPUT_SHAPE = (16, 16, 1)
 
@@ -181,7 +182,7 @@ class ResolvePolicyTest(tf.test.TestCase, parameterized.TestCase):
       {"testcase_name": "float16", "value": "float16", "expected": "mixed_float16"},
   )
   def test_explicit(self, value, expected):
-    self.assertEqual(model_lib.resolve_policy(value), expected)
+    self.assertEqual(precision.resolve_policy(value), expected)
 
   @parameterized.named_parameters(
       {"testcase_name": "gpu", "devices": {"GPU": ["gpu:0"], "TPU": []}, "cpu_bf16": True,
@@ -195,8 +196,8 @@ class ResolvePolicyTest(tf.test.TestCase, parameterized.TestCase):
   )
   def test_auto(self, devices, cpu_bf16, expected):
     with mock.patch.object(tf.config, "list_logical_devices", side_effect=lambda kind: devices[kind]), \
-        mock.patch.object(model_lib, "_cpu_has_bfloat16", return_value=cpu_bf16):
-      self.assertEqual(model_lib.resolve_policy("auto"), expected)
+        mock.patch.object(precision, "_cpu_has_bfloat16", return_value=cpu_bf16):
+      self.assertEqual(precision.resolve_policy("auto"), expected)
 
   @parameterized.named_parameters(
       ("zen4_avx512_bf16", "flags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni", True),
@@ -206,19 +207,19 @@ class ResolvePolicyTest(tf.test.TestCase, parameterized.TestCase):
   )
   def test_cpu_bf16_units_from_cpuinfo_flags(self, cpuinfo, expected):
     with mock.patch("builtins.open", mock.mock_open(read_data=f"processor\t: 0\n{cpuinfo}\n")):
-      self.assertEqual(model_lib._cpu_has_bfloat16(), expected)
+      self.assertEqual(precision._cpu_has_bfloat16(), expected)
 
   def test_cpu_without_cpuinfo_has_no_bf16_units(self):
     with mock.patch("builtins.open", side_effect=OSError("no /proc")):
-      self.assertFalse(model_lib._cpu_has_bfloat16())
+      self.assertFalse(precision._cpu_has_bfloat16())
 
   def test_every_flag_value_resolves(self):
     for value in config_lib.MIXED_PRECISION:
-      self.assertIn(model_lib.resolve_policy(value), ("float32", "mixed_bfloat16", "mixed_float16"))
+      self.assertIn(precision.resolve_policy(value), ("float32", "mixed_bfloat16", "mixed_float16"))
 
   def test_unknown_value_names_the_flag(self):
     with self.assertRaisesRegex(ValueError, "--mixed_precision.*'fp8'"):
-      model_lib.resolve_policy("fp8")
+      precision.resolve_policy("fp8")
 
 
 if __name__ == "__main__":

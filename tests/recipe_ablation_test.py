@@ -9,8 +9,8 @@ import subprocess
 import numpy as np
 import tensorflow as tf
 
-import train
 from tests import testing
+from tf_instdisc.cli import train
 
 SCRIPT = os.path.join("bench", "recipe_ablation.py")
 TIMEOUT_SECONDS = 900  # A hang guard: two one-epoch smoke trainings and their kNN evaluations.

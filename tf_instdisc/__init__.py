@@ -1,6 +1,8 @@
 """tf_instdisc: unsupervised feature learning by non-parametric instance discrimination (Wu et al., CVPR 2018).
 
-The method as one Keras model: `tf_instdisc.InstanceDiscrimination(encoder, num_instances)`, with
+The method as one Keras model: `tf_instdisc.InstanceDiscrimination(encoder, num_instances)`, or a shipped recipe's
+model, data and settings: `tf_instdisc.recipe(name, **overrides)`, `InstanceDiscrimination.from_recipe(recipe,
+num_instances, input_shape)` and `tf_instdisc.training_dataset(images, recipe)`; with
 `tf_instdisc.with_instance_ids(dataset)`, the callbacks `tf_instdisc.KnnMonitor`, `tf_instdisc.Throughput` and
 `tf_instdisc.NeighbourSearch`, and `tf_instdisc.export_model(model, images, export_dir)`; these load TensorFlow on
 first use.
@@ -11,7 +13,7 @@ search; for evaluation features, linear_probe, finetune, evaluation, results, ab
 directly, e.g. `from tf_instdisc import train_lib`; this package file imports nothing at import time.
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 # Imported on first use (PEP 562), so `import tf_instdisc` stays cheap and loads TensorFlow only when needed.
 _LAZY = {
@@ -21,6 +23,8 @@ _LAZY = {
     "Throughput": ("tf_instdisc.callbacks", "Throughput"),
     "NeighbourSearch": ("tf_instdisc.callbacks", "NeighbourSearch"),
     "export_model": ("tf_instdisc.artifact", "export_model"),
+    "recipe": ("tf_instdisc.recipes", "recipe"),
+    "training_dataset": ("tf_instdisc.data", "training_dataset"),
 }
 
 

@@ -606,8 +606,34 @@ def resolve_image_size(source: DataSource, image_size: int) -> int:
   return height
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-  return (seed * 1_000_003 + epoch) % (2**31 - 1)
+def epoch_seed(seed: int, epoch: int | tf.Tensor) -> int | tf.Tensor:
+  """The shuffle seed of one epoch (a Python int for an int epoch, an int64 tensor for a tensor one: equal values
+  give the same permutation)."""
+  if isinstance(epoch, int):
+    return (seed * 1_000_003 + epoch) % (2**31 - 1)
+  return (tf.constant(seed * 1_000_003, tf.int64) + tf.cast(epoch, tf.int64)) % (2**31 - 1)
+
+
+def _epoch_batches(split: Split, augment_cfg: config_lib.AugmentConfig, *, size: int, shuffle_buffer: int,
+                   batch_size: int, seed: int, epoch: int | tf.Tensor,
+                   skip_examples: int | tf.Tensor = 0) -> tf.data.Dataset:
+  """One epoch of augmented batches of `split`, a function of (seed, epoch) only: the one definition of an epoch,
+  shared by train.py's driver (`make_train_dataset`) and Keras `fit` (`make_training_stream`). The first
+  `skip_examples` examples (whole batches already trained on) are dropped before they are decoded."""
+  buffer = shuffle_buffer or split.num_examples
+  # Ids come before the shuffle; shuffle within one epoch only, so every epoch sees every instance once.
+  ds = with_instance_ids(split).shuffle(buffer, seed=epoch_seed(seed, epoch), reshuffle_each_iteration=False)
+  ds = ds.skip(skip_examples)
+
+  def train_view(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    image = split.decode(example[IMAGE_KEY])
+    views = {key: augment.augment_for_train(image, augment.example_seed(seed, example[ID_KEY], epoch, view=view),
+                                            augment_cfg, size=size)
+             for view, key in enumerate((IMAGE_KEY, SECOND_VIEW_KEY)[:augment_cfg.views])}
+    return {**example, **views}
+
+  ds = ds.map(train_view, num_parallel_calls=input_parallelism(), deterministic=True)
+  return ds.batch(batch_size, drop_remainder=True)
 
 
 def make_train_dataset(source: DataSource, cfg: config_lib.DataConfig, augment_cfg: config_lib.AugmentConfig, *,
@@ -628,22 +654,31 @@ def make_train_dataset(source: DataSource, cfg: config_lib.DataConfig, augment_c
     "instance_id": int64 [batch]}, plus "image_view2" (another augmentation of each image) when
     augment_cfg.views is 2; the last partial batch is dropped.
   """
-  size = resolve_image_size(source, cfg.image_size)
-  buffer = cfg.shuffle_buffer or source.train.num_examples
-  ds = with_instance_ids(source.train)
-  # Shuffle within one epoch only, never across the repeat boundary, so every epoch sees every instance once.
-  ds = ds.shuffle(buffer, seed=epoch_seed(seed, epoch), reshuffle_each_iteration=False)
-  ds = ds.skip(skip_batches * batch_size)
+  return make_training_stream(source.train, augment_cfg, size=resolve_image_size(source, cfg.image_size),
+                              shuffle_buffer=cfg.shuffle_buffer, batch_size=batch_size, seed=seed,
+                              first_epoch=epoch, epochs=epoch + 1, skip_batches=skip_batches)
 
-  def train_view(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-    image = source.train.decode(example[IMAGE_KEY])
-    views = {key: augment.augment_for_train(image, augment.example_seed(seed, example[ID_KEY], epoch, view=view),
-                                            augment_cfg, size=size)
-             for view, key in enumerate((IMAGE_KEY, SECOND_VIEW_KEY)[:augment_cfg.views])}
-    return {**example, **views}
 
-  ds = ds.map(train_view, num_parallel_calls=input_parallelism(), deterministic=True)
-  return without_autotune(ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
+def make_training_stream(split: Split, augment_cfg: config_lib.AugmentConfig, *, size: int, shuffle_buffer: int,
+                         batch_size: int, seed: int, first_epoch: int, epochs: int,
+                         skip_batches: int = 0) -> tf.data.Dataset:
+  """Epochs first_epoch..epochs-1 of `_epoch_batches`, back to back, skipping the first `skip_batches` batches;
+  its cardinality is known (Keras `fit` reads it)."""
+  steps_per_epoch = split.num_examples // batch_size
+  if not 0 <= skip_batches < steps_per_epoch or first_epoch >= epochs:
+    raise ValueError(f"no batches left: epochs {first_epoch}..{epochs - 1}, skipping {skip_batches} of "
+                     f"{steps_per_epoch} batches per epoch")
+  common = dict(size=size, shuffle_buffer=shuffle_buffer, batch_size=batch_size, seed=seed)
+  if first_epoch + 1 == epochs:  # One epoch (train.py's driver): no flat_map, the epoch a Python int.
+    ds = _epoch_batches(split, augment_cfg, epoch=first_epoch, skip_examples=skip_batches * batch_size, **common)
+  else:
+    skip = tf.constant(skip_batches * batch_size, tf.int64)
+    ds = tf.data.Dataset.range(first_epoch, epochs).flat_map(lambda epoch: _epoch_batches(
+        split, augment_cfg, epoch=epoch, skip_examples=tf.where(epoch == first_epoch, skip, tf.zeros_like(skip)),
+        **common))
+  batches = (epochs - first_epoch) * steps_per_epoch - skip_batches
+  ds = ds.apply(tf.data.experimental.assert_cardinality(batches))
+  return without_autotune(ds.prefetch(tf.data.AUTOTUNE))
 
 
 def input_parallelism() -> int:
@@ -684,3 +719,89 @@ def load_labels(split: Split) -> np.ndarray:
   """int64 [num_examples] labels of the split in order (one pass; images are not decoded when avoidable)."""
   labels = split.make_labels() if split.make_labels else split.make().map(lambda ex: ex[LABEL_KEY])
   return np.concatenate(list(labels.batch(65536).as_numpy_iterator())).astype(np.int64)
+
+
+def _images_split(images: np.ndarray | tf.data.Dataset) -> Split:
+  """A Split over a Keras user's images: an array [N, H, W, C] (or [N, H, W]) of pixels in [0, 255], or an
+  unbatched dataset of such images (each [H, W, C]), in a fixed order; labels UNLABELED.
+
+  Raises:
+    ValueError: naming `images`, for another rank, or a batched dataset (elements of rank 4).
+  """
+  if isinstance(images, tf.data.Dataset):
+    spec = images.element_spec
+    if not isinstance(spec, tf.TensorSpec):
+      raise ValueError(f"images: expected a dataset of images, got elements {spec}; map it to the images first "
+                       "(e.g. dataset.map(lambda image, label: image))")
+    if spec.shape.rank == 4:
+      raise ValueError("images: the dataset is batched (elements of rank 4); pass dataset.unbatch(), and keep its "
+                       "order fixed (e.g. keras.utils.image_dataset_from_directory(..., batch_size=None, "
+                       "shuffle=False))")
+    if spec.shape.rank == 2:
+      images = images.map(lambda image: image[..., None])
+    elif spec.shape.rank != 3:
+      raise ValueError(f"images: expected elements [H, W, C], got shape {spec.shape}")
+    count = int(images.cardinality())
+    if count < 0:
+      count = _count(images)
+    dataset = images
+    return Split(make_raw=lambda: dataset.map(lambda image: {IMAGE_KEY: image, LABEL_KEY: tf.constant(UNLABELED,
+                                                                                                         tf.int64)}),
+                 num_examples=count)
+  images = np.asarray(images)
+  if images.ndim == 3:
+    images = images[..., None]
+  if images.ndim != 4:
+    raise ValueError(f"images: expected an array [N, H, W, C] (or [N, H, W]), got shape {images.shape}")
+  return _array_split(images, np.full(len(images), UNLABELED, np.int64))
+
+
+def training_dataset(images: np.ndarray | tf.data.Dataset, recipe: config_lib.Config, *,
+                     initial_epoch: int = 0) -> tf.data.Dataset:
+  """The recipe's training pipeline over a Keras user's images: what train.py trains on, for `model.fit`.
+
+  Ids are the images' positions (given before any shuffle); each epoch is an exact permutation (or the recipe's
+  shuffle buffer), every image augmented by the recipe with a seed of (seed, id, epoch); batches of the recipe's
+  batch_size, the last partial one dropped. All epochs follow each other in one dataset, which carries
+  `steps_per_epoch`: `InstanceDiscrimination.fit(dataset, epochs=recipe.train.epochs)` takes one of them per Keras
+  epoch. To resume at epoch e, build it with initial_epoch=e and pass fit initial_epoch=e.
+
+  Args:
+    images: uint8 (or float in [0, 255]) [N, H, W, C] or [N, H, W]; or an unbatched tf.data.Dataset of images in a
+      fixed order.
+    recipe: a config, e.g. `tf_instdisc.recipe("fashion_mnist", epochs=12)`; its data.image_size (0: the images'
+      own side, which must be square), augment, train.batch_size, train.seed, train.epochs and
+      data.shuffle_buffer are used.
+    initial_epoch: the first epoch of the stream.
+
+  Returns:
+    {"image": float32 [B, S, S, C] in [0, 255], "label": int64 [B] (-1), "instance_id": int64 [B]} batches
+    ("image_view2" too with views=2), with `.steps_per_epoch` set.
+
+  Raises:
+    ValueError: naming `images` or the recipe field.
+  """
+  train, augment_cfg = recipe.train, recipe.augment
+  if train.train_minutes:
+    raise ValueError(f"recipe: train_minutes={train.train_minutes:g} sets the length by time, which only train.py "
+                     "measures; pass epochs=N, e.g. tf_instdisc.recipe(name, epochs=12)")
+  split = _images_split(images)
+  height, width = _split_image_size(split)
+  size = recipe.data.image_size or height
+  if not recipe.data.image_size and height != width:
+    raise ValueError(f"recipe image_size: the images are {height}x{width}, not square; pass image_size=S")
+  if split.num_examples < train.batch_size:
+    raise ValueError(f"images: {split.num_examples} make no batch of the recipe's batch_size={train.batch_size}")
+  if not 0 <= initial_epoch < train.epochs:
+    raise ValueError(f"initial_epoch: {initial_epoch} is not in [0, {train.epochs}) (the recipe's epochs)")
+  stream = make_training_stream(split, augment_cfg, size=size, shuffle_buffer=recipe.data.shuffle_buffer,
+                                batch_size=train.batch_size, seed=train.seed, first_epoch=initial_epoch,
+                                epochs=train.epochs)
+  stream.steps_per_epoch = split.num_examples // train.batch_size
+  return stream
+
+
+def _split_image_size(split: Split) -> tuple[int, int]:
+  """(H, W) of the split's first image."""
+  first = next(iter(split.make().take(1)))[IMAGE_KEY]
+  return int(first.shape[0]), int(first.shape[1])

@@ -29,12 +29,16 @@ from typing import Any
 
 import keras
 import tensorflow as tf
+from absl import logging
 from keras import layers
 
+from tf_instdisc import backbones
 from tf_instdisc import config as config_lib
 from tf_instdisc import distribute
 from tf_instdisc import memory_bank
 from tf_instdisc import objectives
+from tf_instdisc import precision
+from tf_instdisc import schedules
 
 IMAGE_KEY, ID_KEY, SECOND_VIEW_KEY = "image", "instance_id", "image_view2"  # The batch dicts' keys (data.py's).
 OBJECTIVES = ("nce", "softmax", "parametric")
@@ -47,7 +51,19 @@ def with_instance_ids(dataset: tf.data.Dataset) -> tf.data.Dataset:
 
   Call it before any shuffle, so an image keeps its id across epochs. Elements may be images, (image, label, ...)
   tuples (the image is kept, the rest dropped) or dicts (an "instance_id" entry is added).
+
+  Raises:
+    ValueError: for a batched dataset (images of rank 4): ids would number batches, and a reshuffled source would
+    give them new ids every epoch. Unbatch it and keep its order fixed, e.g.
+    `keras.utils.image_dataset_from_directory(..., batch_size=None, shuffle=False)`.
   """
+  spec = dataset.element_spec
+  image_spec = spec.get(IMAGE_KEY) if isinstance(spec, dict) else spec[0] if isinstance(spec, tuple) else spec
+  if isinstance(image_spec, tf.TensorSpec) and image_spec.shape.rank == 4:
+    raise ValueError("with_instance_ids: the dataset is batched (images of rank 4, shape "
+                     f"{image_spec.shape}); ids must number images, in an order fixed across epochs: pass "
+                     "dataset.unbatch(), or keras.utils.image_dataset_from_directory(..., batch_size=None, "
+                     "shuffle=False)")
 
   def pair(index, element):
     index = tf.cast(index, tf.int64)
@@ -278,6 +294,82 @@ class InstanceDiscrimination(keras.Model):
     input_shape = _input_shape(encoder)
     if input_shape is not None:  # Built at once (what BackupAndRestore needs); else on the first batch.
       self.build((None, *input_shape))
+
+  @classmethod
+  def from_recipe(cls, recipe: config_lib.Config, num_instances: int, input_shape: tuple[int, int, int], *,
+                  policy: str | None = None, compiled: bool = True, steps_per_epoch: int | None = None,
+                  steps_per_execution: int | None = None) -> InstanceDiscrimination:
+    """The model a recipe trains, as train.py builds it: its backbone (--arch, width, pooling, precision), head,
+    objective, bank and seed; compiled with its optimizer (SGD with momentum, the learning-rate schedule over the
+    recipe's epochs of num_instances // batch_size steps, a loss-scale wrapper under float16).
+
+    Args:
+      recipe: a config.Config, e.g. `tf_instdisc.recipe("fashion_mnist", epochs=12)`.
+      num_instances: N, the training images (bank rows).
+      input_shape: (H, W, C) of the training crops.
+      policy: the backbone's Keras dtype policy; by default the one the recipe's --mixed_precision resolves to.
+      compiled: False returns the model built but not compiled.
+      steps_per_epoch: of the learning-rate schedule; by default num_instances // the recipe's batch_size.
+      steps_per_execution: steps per `fit` call of the train function; by default the recipe's steps_per_loop
+        on one replica, 1 on several (Keras runs several steps per execution on one replica only).
+
+    A recipe's num_negatives at or above num_instances is capped below it (config.fit_to_data, logged), as train.py
+    does on a small dataset.
+
+    Raises:
+      ValueError: naming the recipe field, for a recipe that does not validate, or a compiled model from a recipe
+      whose length is a time budget (train_minutes > 0: pass epochs=N to `tf_instdisc.recipe`).
+    """
+    _check(isinstance(recipe, config_lib.Config), "recipe",
+           f"expected a tf_instdisc.recipe(...) config, got {type(recipe).__name__}")
+    cfg, notes = config_lib.fit_to_data(config_lib.validate(recipe, run=False), num_instances=num_instances)
+    for note in notes:
+      logging.warning("%s", note)
+    policy = policy or precision.resolve_policy(cfg.model.mixed_precision)
+    encoder = backbones.build_backbone(cfg.model.arch, tuple(input_shape), policy=policy, seed=cfg.train.seed,
+                                       sync_batchnorm=cfg.model.sync_batchnorm,
+                                       width_multiplier=cfg.model.width_multiplier, pool_grid=cfg.model.pool_grid)
+    loss, bank = cfg.loss, cfg.bank
+    model = cls(encoder, num_instances, embedding_dim=cfg.model.embedding_dim, objective=loss.objective,
+                num_negatives=loss.num_negatives, temperature=loss.temperature, bank_momentum=bank.bank_momentum,
+                proximal_lambda=bank.proximal_lambda, negative_sampling=loss.negative_sampling,
+                exclude_positive=loss.exclude_positive, normalizer_momentum=loss.normalizer_momentum,
+                views=cfg.augment.views, group_clusters=loss.group_clusters, group_weight=loss.group_weight,
+                group_temperature=loss.group_temperature, neighbours=loss.neighbours,
+                neighbour_weight=loss.neighbour_weight, head_batchnorm=cfg.model.head_batchnorm,
+                head_hidden_dim=cfg.model.head_hidden_dim, sync_batchnorm=cfg.model.sync_batchnorm,
+                weight_decay=cfg.optim.weight_decay, bank_dtype=bank.bank_dtype, seed=cfg.train.seed,
+                name=f"{cfg.model.arch.replace('.', '_')}_instance_discrimination")
+    if not model.built:
+      model.build((None, *input_shape))
+    if not compiled:
+      return model
+    _check(not cfg.train.train_minutes, "recipe", f"train_minutes={cfg.train.train_minutes:g} sets the length by "
+           "time, which only train.py measures; pass epochs=N, e.g. tf_instdisc.recipe(name, epochs=12)")
+    if steps_per_epoch is None:
+      _check(num_instances >= cfg.train.batch_size, "num_instances",
+             f"{num_instances} images make no batch of the recipe's batch_size={cfg.train.batch_size}")
+      steps_per_epoch = num_instances // cfg.train.batch_size
+    schedule = schedules.build_lr_schedule(cfg.optim, steps_per_epoch=steps_per_epoch, epochs=cfg.train.epochs)
+    optimizer = keras.optimizers.SGD(learning_rate=schedule, momentum=cfg.optim.momentum)
+    if policy == "mixed_float16":
+      optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    if steps_per_execution is None:
+      one_replica = tf.distribute.get_strategy().num_replicas_in_sync == 1
+      steps_per_execution = cfg.train.steps_per_loop if one_replica else 1
+    model.compile(optimizer=optimizer, steps_per_execution=steps_per_execution)
+    optimizer.build(model.trainable_variables)
+    return model
+
+  def fit(self, x=None, y=None, *args, steps_per_epoch: int | None = None, **kwargs):
+    """keras.Model.fit. A dataset from `tf_instdisc.training_dataset` holds all of a recipe's epochs back to back
+    and says how many steps one of them is (its `steps_per_epoch`): fit takes that as its steps_per_epoch unless
+    given one, so `fit(dataset, epochs=E)` trains epoch e on the recipe's epoch e, as train.py does."""
+    if steps_per_epoch is None:
+      steps_per_epoch = getattr(x, "steps_per_epoch", None)
+    if isinstance(x, tf.data.Dataset):
+      kwargs.setdefault("shuffle", False)  # A dataset is shuffled by its own pipeline (Keras warns otherwise).
+    return super().fit(x, y, *args, steps_per_epoch=steps_per_epoch, **kwargs)
 
   @property
   def objective(self) -> str:
