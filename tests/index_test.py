@@ -133,7 +133,7 @@ class SettingsTest(parameterized.TestCase, tf.test.TestCase):
                             timeout=60, check=False)
     self.assertIn("[0 1 2]", result.stdout)
     self.assertIn("ImportError", result.stderr)
-    self.assertIn("pip install scann==1.4.2", result.stderr)
+    self.assertIn("pip install 'tf-instdisc[scann]'", result.stderr)
 
 
 class TuneTest(tf.test.TestCase):

@@ -3,31 +3,16 @@
 from __future__ import annotations
 
 import os
-import re
 
 from tests import testing
 
 import numpy as np
 import tensorflow as tf
 
-NOTEBOOK_HEADING = "## In a notebook"
-
-
-def notebook_example() -> str:
-  """The first ```python block after the README's notebook heading."""
-  with open(os.path.join(testing.REPO_ROOT, "README.md")) as f:
-    text = f.read()
-  start = text.index(NOTEBOOK_HEADING)
-  match = re.search(r"```python\n(.*?)```", text[start:], flags=re.DOTALL)
-  if match is None:
-    raise AssertionError(f"no python block under {NOTEBOOK_HEADING!r} in README.md")
-  return match.group(1)
-
-
 class ReadmeExampleTest(tf.test.TestCase):
 
   def test_notebook_example_runs_verbatim(self):
-    code = notebook_example()
+    code = testing.notebook_example()
     self.assertIn("tf_instdisc.InstanceDiscrimination(", code)
     self.assertLessEqual(len(code.strip().splitlines()), 14)  # "About ten lines".
     cwd = os.getcwd()

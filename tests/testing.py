@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import re
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -108,3 +109,17 @@ def checkpoint_values(model_dir: str) -> dict[str, object]:
   reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints")))
   return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
           if "save_counter" not in name and name != "_CHECKPOINTABLE_OBJECT_GRAPH"}
+
+
+NOTEBOOK_HEADING = "## In a notebook"
+
+
+def notebook_example() -> str:
+  """The README's notebook example: the first ```python block after its notebook heading."""
+  with open(os.path.join(REPO_ROOT, "README.md")) as f:
+    text = f.read()
+  start = text.index(NOTEBOOK_HEADING)
+  match = re.search(r"```python\n(.*?)```", text[start:], flags=re.DOTALL)
+  if match is None:
+    raise AssertionError(f"no python block under {NOTEBOOK_HEADING!r} in README.md")
+  return match.group(1)

@@ -222,8 +222,8 @@ def _check_export_arguments(export_dir: str, *, overwrite: bool, index: str, rec
   if index not in ("scann", "none"):
     raise ValueError(f"{flag('index')}: got {index!r}, expected scann or none")
   if index == "scann" and not index_lib.scann_available():
-    raise ValueError(f"{flag('index')}=scann needs the scann package (pip install scann==1.4.2); or pass "
-                     f"{flag('index')}=none")
+    raise ValueError(f"{flag('index')}=scann needs the scann package (pip install 'tf-instdisc[scann]', Linux); "
+                     f"or pass {flag('index')}=none (exact search)")
   return (export_dir, index_lib.check_recall_target(recall_target, flag("recall_target")),
           _check_tune_seconds(tune_seconds, flag("tune_seconds")))
 
@@ -525,7 +525,8 @@ class Export:
       if index_lib.scann_available():
         self.searcher, self.backend = index_lib.load_searcher(scann_dir), "scann"
       else:
-        logging.warning("%s holds a ScaNN index but scann is not installed: exact search instead", export_dir)
+        logging.warning("%s holds a ScaNN index but scann is not installed: exact search instead (pip install "
+                        "'tf-instdisc[scann]' for the index)", export_dir)
     self._settings = self._check_searcher_against_manifest() if self.searcher else None
 
   def _check_files_against_manifest(self) -> None:

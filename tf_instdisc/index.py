@@ -95,14 +95,18 @@ def _reorder_for(k: int) -> int:
 
 def scann_available() -> bool:
   """Whether the scann package is installed (without importing it, and so TensorFlow)."""
-  return importlib.util.find_spec("scann") is not None
+  try:
+    return importlib.util.find_spec("scann") is not None
+  except (ImportError, ValueError):  # A finder that refuses it, or a module entry set to None.
+    return False
 
 
 def _import_scann():
   try:
     from scann.scann_ops.py import scann_ops_pybind
   except ImportError as e:
-    raise ImportError(f"building or loading a ScaNN searcher needs scann: pip install scann==1.4.2 ({e})") from e
+    raise ImportError(f"building or loading a ScaNN searcher needs scann: pip install 'tf-instdisc[scann]' "
+                      f"({e})") from e
   return scann_ops_pybind
 
 

@@ -26,6 +26,16 @@ STARTUP_NOISE = re.compile("|".join((
     r"Local rendezvous is aborting with status: OUT_OF_RANGE")))
 
 
+def describe_command(doc: str, module_name: str) -> None:
+  """Makes --help show this command's description and flags, whether it runs as the console script, a checkout's
+  script or `python -m`: absl prints the main module's docstring and the flags it finds under sys.argv[0]."""
+  from absl import flags
+
+  sys.modules["__main__"].__doc__ = doc
+  for flag in flags.FLAGS.get_key_flags_for_module(module_name):
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+
+
 def expand_recipe(argv: Sequence[str]) -> list[str]:
   """argv with each `--recipe=NAME_OR_FILE` replaced by `--flagfile=PATH` (a shipped recipe's file inside the
   package), in place: flags after it still win. Raises ValueError naming --recipe for an unknown name."""

@@ -1,10 +1,11 @@
 """Evaluates a trained run with the paper's protocols: kNN, linear probes per layer, semi-supervised fine-tuning,
 transfer to another dataset.
 
-  python evaluate.py --model_dir=/tmp/npid_fashion --protocol=knn,linear
-  python evaluate.py --model_dir=/tmp/npid_fashion --protocol=semi_supervised --label_fractions=1,2,4,10,20
-  python evaluate.py --model_dir=/tmp/npid_fashion --protocol=transfer --transfer_dataset=folder \\
+  instdisc-evaluate --model_dir=/tmp/npid_fashion --protocol=knn,linear
+  instdisc-evaluate --model_dir=/tmp/npid_fashion --protocol=semi_supervised --label_fractions=1,2,4,10,20
+  instdisc-evaluate --model_dir=/tmp/npid_fashion --protocol=transfer --transfer_dataset=folder \\
       --transfer_data_dir=/data/other
+  python evaluate.py ...   (the same, in a checkout)
 
 Writes MODEL_DIR/eval/<protocol>.json, appends rows to the Markdown results table (--results_table, default
 MODEL_DIR/eval/results.md) with the paper's number beside ours where the paper has one, and plots PNGs there:
@@ -118,6 +119,7 @@ def main(argv: list[str]) -> int:
 
 def run() -> None:
   """The `instdisc-evaluate` command."""
+  cli.describe_command(__doc__, __name__)
   app.run(main)
 
 

@@ -1,6 +1,7 @@
 """Exports a trained model: a SavedModel for TF Serving and any TF program, a ScaNN index, the backbone, a manifest.
 
-  python export/export.py --model_dir=/tmp/npid_fashion --export_dir=/tmp/npid_fashion_export
+  instdisc-export --model_dir=/tmp/npid_fashion --export_dir=/tmp/npid_fashion_export
+  python export/export.py ...   (the same, in a checkout)
 
 Restores the latest checkpoint of --model_dir (with the config.json it was trained with), embeds the collection
 (the clean train images through the final network, not the momentum bank) and writes, atomically:
@@ -79,6 +80,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
   """The `instdisc-export` command."""
+  cli.describe_command(__doc__, __name__)
   app.run(main)
 
 

@@ -1,6 +1,7 @@
 """Searches an export for the images most similar to query image files (the paper's Figure 5).
 
-  python export/search.py --export_dir=E --image=query.png [--image=...] [--k=10] [--grid=neighbours.png]
+  instdisc-search --export_dir=E --image=query.png [--image=...] [--k=10] [--grid=neighbours.png]
+  python export/search.py ...   (the same, in a checkout)
 
 Prints the k nearest collection images of each query with their cosine similarity, id, label and file, and with
 --grid writes a picture: each query followed by its neighbours (tf_instdisc/search.py).
@@ -39,6 +40,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
   """The `instdisc-search` command."""
+  cli.describe_command(__doc__, __name__)
   app.run(main)
 
 

@@ -223,6 +223,7 @@ def main(argv: list[str]) -> int:
 
 def run() -> None:
   """The `instdisc-train` command: --recipe=NAME expanded, then absl's app.run(main)."""
+  cli.describe_command(__doc__, __name__)
   try:
     sys.argv = [sys.argv[0], *cli.expand_recipe(sys.argv[1:])]
   except ValueError as e:
