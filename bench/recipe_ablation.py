@@ -36,10 +36,9 @@ import time
 
 from absl import app, flags
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+from tf_instdisc import plots
 
-from tf_instdisc import plots  # noqa: E402  (after the path: the script runs as bench/recipe_ablation.py)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KS = (10, 20, 50, 200)
 MONITOR_EXAMPLES = 1000
 

@@ -24,7 +24,6 @@ import time
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 _ARCH = flags.DEFINE_string("arch", "convnet_small", "Backbone.")

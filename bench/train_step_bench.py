@@ -28,8 +28,6 @@ from typing import Any
 
 from absl import app, flags
 
-# The script runs as `python bench/train_step_bench.py`: put the repo root (not bench/) first on the import path.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from tf_instdisc import config as config_lib

@@ -363,14 +363,19 @@ class DriversTest(tf.test.TestCase):
     its own loop, per-epoch pipelines, checkpoints, monitor) end with the same weights and bank."""
     model_dir = self.create_tempdir().full_path
     cfg = testing.tiny_config(model_dir, objective="nce", num_negatives=8, head_batchnorm=True, epochs=2,
-                              final_eval=False)
+                              final_eval=False, steps_per_loop=3)
     source = testing.tiny_source()
     train_lib.run(cfg, tf.distribute.get_strategy(), source)
     images, _ = testing.tiny_arrays()
     recipe = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, model_dir=""))
     model = tf_instdisc.InstanceDiscrimination.from_recipe(recipe, len(images), images.shape[1:])
-    history = model.fit(tf_instdisc.training_dataset(images, recipe), epochs=recipe.train.epochs, verbose=0)
+    self.assertEqual(model.steps_per_execution, 2)  # 3 would run an epoch's end into the next epoch's batches.
+    steps_at_epoch_end = []
+    record = keras.callbacks.LambdaCallback(on_epoch_end=lambda *_: steps_at_epoch_end.append(int(model.step)))
+    history = model.fit(tf_instdisc.training_dataset(images, recipe), epochs=recipe.train.epochs, verbose=0,
+                        callbacks=[record])
     self.assertLen(history.history["loss"], 2)
+    self.assertEqual(steps_at_epoch_end, [4, 8])
     self.assertEqual(int(model.step.numpy()), 2 * (64 // 16))
     restored = tf_instdisc.InstanceDiscrimination.from_recipe(recipe, len(images), images.shape[1:],
                                                               compiled=False)
@@ -384,7 +389,8 @@ class DriversTest(tf.test.TestCase):
     model = tf_instdisc.InstanceDiscrimination.from_recipe(recipe, 64, (8, 8, 1))
     self.assertIsInstance(model.optimizer, keras.optimizers.SGD)
     self.assertAllClose(float(model.optimizer.momentum), recipe.optim.momentum)
-    self.assertEqual(model.steps_per_execution, recipe.train.steps_per_loop)
+    # The largest divisor of the 4 steps per epoch up to steps_per_loop=8: an execution never crosses an epoch.
+    self.assertEqual(model.steps_per_execution, 4)
     # The cosine schedule over 4 epochs of 64 // 16 steps ends at 0.
     self.assertAllClose(float(model.optimizer._learning_rate(4 * 4)), 0.0, atol=1e-7)  # The schedule itself.
     self.assertEqual(model.objective, "softmax")

@@ -13,7 +13,8 @@ class ReadmeExampleTest(tf.test.TestCase):
 
   def test_notebook_example_runs_verbatim(self):
     code = testing.notebook_example()
-    self.assertIn("tf_instdisc.InstanceDiscrimination(", code)
+    self.assertIn("tf_instdisc.InstanceDiscrimination.from_recipe(", code)
+    self.assertIn("tf_instdisc.training_dataset(", code)
     self.assertLessEqual(len(code.strip().splitlines()), 14)  # "About ten lines".
     cwd = os.getcwd()
     os.chdir(self.create_tempdir().full_path)
@@ -26,10 +27,10 @@ class ReadmeExampleTest(tf.test.TestCase):
     embeddings = scope["embeddings"]
     self.assertEqual(embeddings.shape, (8, 128))
     self.assertAllClose(np.linalg.norm(embeddings, axis=1), np.ones(8), atol=1e-5)
-    self.assertEqual(int(scope["model"].step.numpy()), 2 * (256 // 64))
+    self.assertEqual(int(scope["model"].step.numpy()), 2 * (512 // 128))
     neighbours = scope["neighbours"]
     self.assertEqual(neighbours.ids.shape, (4, 5))
-    # The export searches the collection of all 256 images exactly (index="none"): the best cosine scores.
+    # The export searches the collection of all 512 images exactly (index="none"): the best cosine scores.
     collection = scope["model"].predict(scope["images"], verbose=0)
     best = np.sort(embeddings[:4] @ collection.T, axis=1)[:, ::-1][:, :5]
     self.assertAllClose(neighbours.scores, best, atol=1e-4)

@@ -204,8 +204,9 @@ def _check_choice(value: str, field: str, choices: tuple[str, ...]) -> None:
   _check(value in choices, field, f"got {value!r}, expected one of {', '.join(choices)}")
 
 
-def validate(cfg: Config) -> Config:
-  """Checks every field that can be checked without data; returns cfg.
+def validate(cfg: Config, *, run: bool = True) -> Config:
+  """Checks every field that can be checked without data; returns cfg. run=False skips what only a train.py run
+  needs (a --model_dir): a recipe for Keras `fit` has none.
 
   Raises:
     ValueError: naming the offending flag (= field) and why.
@@ -265,7 +266,7 @@ def validate(cfg: Config) -> Config:
   _check(0 <= o.warmup_epochs < t.epochs, "warmup_epochs", "must be in [0, epochs)")
   _check(0.0 <= o.momentum < 1.0, "momentum", "must be in [0, 1)")
   _check(o.weight_decay >= 0.0, "weight_decay", "must be >= 0")
-  _check(bool(t.model_dir), "model_dir", "must be set (checkpoints, config.json and metrics go there)")
+  _check(bool(t.model_dir) or not run, "model_dir", "must be set (checkpoints, config.json and metrics go there)")
   _check(t.batch_size > 0, "batch_size", "must be > 0")
   _check(t.steps_per_loop > 0, "steps_per_loop", "must be > 0")
   _check(t.checkpoint_every_epochs > 0, "checkpoint_every_epochs", "must be > 0")

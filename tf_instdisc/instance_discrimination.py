@@ -310,8 +310,9 @@ class InstanceDiscrimination(keras.Model):
       policy: the backbone's Keras dtype policy; by default the one the recipe's --mixed_precision resolves to.
       compiled: False returns the model built but not compiled.
       steps_per_epoch: of the learning-rate schedule; by default num_instances // the recipe's batch_size.
-      steps_per_execution: steps per `fit` call of the train function; by default the recipe's steps_per_loop
-        on one replica, 1 on several (Keras runs several steps per execution on one replica only).
+      steps_per_execution: steps per call of fit's train function; by default the largest divisor of the steps
+        per epoch up to the recipe's steps_per_loop on one replica, 1 on several (Keras runs several steps per
+        execution on one replica only).
 
     A recipe's num_negatives at or above num_instances is capped below it (config.fit_to_data, logged), as train.py
     does on a small dataset.
@@ -355,8 +356,11 @@ class InstanceDiscrimination(keras.Model):
     if policy == "mixed_float16":
       optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     if steps_per_execution is None:
+      # Keras runs whole executions: one that passes an epoch's end takes the next epoch's batches into this one
+      # (measured: 16 steps in 2 epochs of 4 with 25 per execution), so the count must divide the epoch.
       one_replica = tf.distribute.get_strategy().num_replicas_in_sync == 1
-      steps_per_execution = cfg.train.steps_per_loop if one_replica else 1
+      most = min(cfg.train.steps_per_loop, steps_per_epoch) if one_replica else 1
+      steps_per_execution = max(d for d in range(1, most + 1) if steps_per_epoch % d == 0)
     model.compile(optimizer=optimizer, steps_per_execution=steps_per_execution)
     optimizer.build(model.trainable_variables)
     return model

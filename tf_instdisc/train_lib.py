@@ -30,8 +30,8 @@ from tf_instdisc import distribute
 from tf_instdisc import knn
 from tf_instdisc import memory_bank
 from tf_instdisc import instance_discrimination
-from tf_instdisc import model as model_lib
 from tf_instdisc import objectives
+from tf_instdisc import precision
 from tf_instdisc import results as results_lib
 from tf_instdisc import schedules
 
@@ -62,18 +62,14 @@ class TrainState:
 
 def build_state(cfg: config_lib.Config, *, num_instances: int, input_shape: tuple[int, int, int],
                 steps_per_epoch: int) -> TrainState:
-  """Builds and compiles the model (bank, Z, step and classifier in it) and its optimizer; call under
-  strategy.scope()."""
-  policy = model_lib.resolve_policy(cfg.model.mixed_precision)
-  model = model_lib.build_model(cfg, num_instances=num_instances, input_shape=input_shape, policy=policy)
-  schedule = schedules.build_lr_schedule(cfg.optim, steps_per_epoch=steps_per_epoch, epochs=cfg.train.epochs)
-  optimizer = keras.optimizers.SGD(learning_rate=schedule, momentum=cfg.optim.momentum)
-  if policy == "mixed_float16":
-    optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-  model.compile(optimizer=optimizer)
-  optimizer.build(model.trainable_variables)
-  return TrainState(model=model, optimizer=optimizer,
-                    checkpoint=checkpointing.make_checkpoint(model=model, optimizer=optimizer))
+  """Builds and compiles the model (bank, Z, step and classifier in it) and its optimizer as a Keras user's
+  `InstanceDiscrimination.from_recipe` does; call under strategy.scope()."""
+  # The time budget is spent already: epochs_for_budget turned --train_minutes into cfg.train.epochs.
+  recipe = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, train_minutes=0.0))
+  model = instance_discrimination.InstanceDiscrimination.from_recipe(recipe, num_instances, input_shape,
+                                                                     steps_per_epoch=steps_per_epoch)
+  return TrainState(model=model, optimizer=model.optimizer,
+                    checkpoint=checkpointing.make_checkpoint(model=model, optimizer=model.optimizer))
 
 
 def make_train_loop(model: instance_discrimination.InstanceDiscrimination, strategy: tf.distribute.Strategy,
@@ -375,7 +371,7 @@ class _Run:
     logging.info("%s at step %d (%s); %s, %d replica(s), --mixed_precision=%s: %s", "resumed" if restored else
                  "starting", self.step, restored or "no checkpoint", type(strategy).__name__,
                  strategy.num_replicas_in_sync, cfg.model.mixed_precision,
-                 model_lib.resolve_policy(cfg.model.mixed_precision))
+                 precision.resolve_policy(cfg.model.mixed_precision))
     if restored is None and cfg.bank.bank_init == "features":
       self._initialize_bank_from_features()
     self.evaluator = self._build_evaluator()
@@ -566,6 +562,7 @@ class _Run:
   def train(self) -> None:
     cfg, spe = self.cfg, self.plan.steps_per_epoch
     first_epoch = self.step // spe
+    last_monitor_seconds = None  # The kNN monitor's last cost in this process; None until it has run.
     for epoch in range(first_epoch, cfg.train.epochs):
       if cfg.loss.neighbours and schedules.neighbour_search_due(
           epoch, epochs=cfg.train.epochs, start=cfg.loss.neighbour_start, every=cfg.loss.neighbour_every_epochs,
@@ -577,10 +574,15 @@ class _Run:
       with self.clock.measure("train"):
         values = self._train_epoch(epoch)
       last = epoch + 1 == cfg.train.epochs
-      if self.monitor is not None and cfg.eval.eval_every_epochs and (
-          (epoch + 1) % cfg.eval.eval_every_epochs == 0 or last):
+      if self.monitor is not None and self._monitor_due(epoch, last_monitor_seconds):
         with self.clock.measure("monitor"):
           values.update(self._evaluate(self.state.bank.as_float32(), self.monitor))
+        if last_monitor_seconds is None and not last:
+          logging.info("the bank kNN monitor took %s; it runs again after an epoch (at most every %d) while its time "
+                       "stays within %g%% of the wall time, and after the last epoch",
+                       results_lib.format_seconds(self.clock.last_seconds), cfg.eval.eval_every_epochs,
+                       100 * schedules.MONITOR_TIME_SHARE)
+        last_monitor_seconds = self.clock.last_seconds
       # The record goes first: a kill after the checkpoint has it on disk already; a kill before the checkpoint
       # leaves a line of an epoch the resume trains again, and `_kept_metrics` drops it.
       self._record(epoch, values)
@@ -588,6 +590,18 @@ class _Run:
       if (epoch + 1) % cfg.train.checkpoint_every_epochs == 0 or last:
         with self.clock.measure("checkpoint"):
           self._save()
+
+  def _monitor_due(self, epoch: int, last_monitor_seconds: float | None) -> bool:
+    """Whether the bank kNN monitor runs after `epoch`: at most every --eval_every_epochs, within
+    schedules.MONITOR_TIME_SHARE of the wall time (an epoch without it records no kNN). The workers of a
+    multi-worker run agree (any due: all run), so that they evaluate after the same epochs whatever their clocks."""
+    due = schedules.monitor_due(
+        epoch, epochs=self.cfg.train.epochs, every=self.cfg.eval.eval_every_epochs,
+        monitor_seconds=self.clock.totals["monitor"], last_monitor_seconds=last_monitor_seconds,
+        wall_seconds=self.clock.summary()["wall_seconds"], share=schedules.MONITOR_TIME_SHARE)
+    if isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
+      due = bool(_agreed(self.strategy, int(due), tf.reduce_max))
+    return due
 
   def final_evaluation(self) -> dict[str, Any]:
     """kNN of the eval split against clean recomputed train features (the real number, docs/design.md)."""
