@@ -98,10 +98,6 @@ class BuildLrScheduleTest(tf.test.TestCase, parameterized.TestCase):
     self.assertAllClose([schedule(s) for s in steps], [expected[s] for s in steps], rtol=1e-5, atol=1e-9)
 
 
-if __name__ == "__main__":
-  tf.test.main()
-
-
 class NeighbourScheduleTest(parameterized.TestCase):
 
   @parameterized.parameters(
@@ -124,3 +120,64 @@ class NeighbourScheduleTest(parameterized.TestCase):
   def test_due(self, epoch, first_epoch, expected):
     self.assertEqual(schedules.neighbour_search_due(epoch, epochs=10, start=0.5, every=2, first_epoch=first_epoch),
                      expected)
+
+
+def _simulate(epochs, *, every, epoch_seconds, monitor_seconds, start_seconds=5.0,
+              share=schedules.MONITOR_TIME_SHARE):
+  """A run on a fake clock: (the 0-based epochs after which the monitor ran, its seconds, the wall seconds)."""
+  wall, total, last, ran = start_seconds, 0.0, None, []
+  for epoch in range(epochs):
+    wall += epoch_seconds
+    if schedules.monitor_due(epoch, epochs=epochs, every=every, monitor_seconds=total, last_monitor_seconds=last,
+                             wall_seconds=wall, share=share):
+      ran.append(epoch)
+      wall, total, last = wall + monitor_seconds, total + monitor_seconds, monitor_seconds
+  return ran, total, wall
+
+
+class MonitorScheduleTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      ("never", dict(epoch=9, every=0, last_monitor_seconds=None), False),  # 0: never, not even the last epoch.
+      ("first_due_epoch_measures", dict(epoch=0, last_monitor_seconds=None, monitor_seconds=50.0), True),
+      ("last_epoch_always", dict(epoch=9, monitor_seconds=50.0), True),
+      ("last_epoch_off_every", dict(epoch=9, every=4, monitor_seconds=50.0), True),
+      ("within_the_share", dict(epoch=3, monitor_seconds=4.0, last_monitor_seconds=1.0), True),  # 5 <= 0.05 x 100.
+      ("past_the_share", dict(epoch=3, monitor_seconds=4.0, last_monitor_seconds=1.5), False),
+      ("not_a_due_epoch", dict(epoch=2, every=2, monitor_seconds=0.0, last_monitor_seconds=None), False),
+      ("due_epoch_of_every", dict(epoch=3, every=2, monitor_seconds=0.0, last_monitor_seconds=0.1), True),
+  )
+  def test_due(self, overrides, expected):
+    arguments = dict(epochs=10, every=1, monitor_seconds=0.0, last_monitor_seconds=1.0, wall_seconds=100.0,
+                     share=0.05)
+    arguments.update(overrides)
+    epoch = arguments.pop("epoch")
+    self.assertEqual(schedules.monitor_due(epoch, **arguments), expected)
+
+  def test_a_dear_monitor_keeps_within_its_share_of_the_wall_time(self):
+    # The user's 4,000-image folder: 2 s epochs, and a monitor of a quarter of an epoch took 20% of the wall time.
+    ran, seconds, wall = _simulate(100, every=1, epoch_seconds=2.0, monitor_seconds=0.5)
+    self.assertEqual((ran[0], ran[-1]), (0, 99))  # The first measures its cost; the last is always scored.
+    self.assertBetween(len(ran), 10, 30)  # Every few epochs all along, not only first and last.
+    self.assertLessEqual(seconds / wall, schedules.MONITOR_TIME_SHARE + 0.5 / wall)  # Over only by the last one.
+    self.assertGreater(seconds / wall, 0.04)
+
+  def test_a_cheap_monitor_runs_after_every_due_epoch(self):
+    # Fashion-MNIST: a monitor of 3.2% of the epochs' time still runs after each, and every --eval_every_epochs.
+    self.assertEqual(_simulate(20, every=1, epoch_seconds=60.0, monitor_seconds=2.0)[0], list(range(20)))
+    self.assertEqual(_simulate(20, every=3, epoch_seconds=60.0, monitor_seconds=2.0)[0], [2, 5, 8, 11, 14, 17, 19])
+
+  @parameterized.product(epochs=(1, 2, 3, 7, 40), every=(1, 2, 5), epoch_seconds=(0.5, 2.0, 30.0),
+                         monitor_seconds=(0.1, 1.0, 10.0))
+  def test_its_time_is_bounded_and_the_first_and_last_due_epochs_run(self, epochs, every, epoch_seconds,
+                                                                      monitor_seconds):
+    ran, seconds, wall = _simulate(epochs, every=every, epoch_seconds=epoch_seconds, monitor_seconds=monitor_seconds)
+    due = [e for e in range(epochs) if (e + 1) % every == 0 or e + 1 == epochs]
+    self.assertEqual((ran[0], ran[-1]), (due[0], due[-1]))
+    self.assertContainsSubset(ran, due)
+    # Within the share at every decision; the first (a measurement) and the last can only add one cost each.
+    self.assertLessEqual(seconds, max(schedules.MONITOR_TIME_SHARE * wall, monitor_seconds) + monitor_seconds)
+
+
+if __name__ == "__main__":
+  tf.test.main()

@@ -314,8 +314,11 @@ class RunTest(tf.test.TestCase):
     records = _read_metrics(model_dir)
     self.assertEqual([r["epoch"] for r in records], [1, 2, 3])
     for record in records:
-      for key in ("epoch", "loss", "knn_top1", "knn_top5", "images_per_sec", "seconds", "lr"):
+      for key in ("epoch", "loss", "images_per_sec", "seconds", "lr"):
         self.assertIsNotNone(record[key], key)
+    for record in (records[0], records[-1]):  # The monitor after the first and the last epoch; between, by time.
+      self.assertBetween(record["knn_top1"], 0.0, 1.0)
+      self.assertBetween(record["knn_top5"], record["knn_top1"], 1.0)
     self.assertLess(records[-1]["loss"], records[0]["loss"])
     for name in (checkpointing.CONFIG_FILE, "run.json", train_lib.FINAL_METRICS_FILE):
       self.assertTrue(os.path.exists(os.path.join(model_dir, name)), name)
@@ -381,6 +384,25 @@ class RunTest(tf.test.TestCase):
     self.assertEqual(epochs, [2, 3])
     timing = _read_metrics(model_dir)[-1]["time"]
     self.assertGreater(timing["neighbours_seconds"], 0.0)
+
+  def test_the_monitor_runs_within_its_time_share_and_after_the_first_and_last_epochs(self):
+    strategy, source = distribute.make_strategy("one_device"), testing.tiny_source()
+    monitored = {}
+    # No share: only the first epoch (its cost is measured) and the last; any share: every epoch.
+    for share in (0.0, float("inf")):
+      model_dir = self.create_tempdir().full_path
+      with mock.patch.object(train_lib.schedules, "MONITOR_TIME_SHARE", share):
+        train_lib.run(testing.tiny_config(model_dir, epochs=4, final_eval=False), strategy, source=source)
+      records = _read_metrics(model_dir)
+      monitored[share] = [r["knn_top1"] is not None for r in records]
+      self.assertEqual([r["knn_top5"] is not None for r in records], monitored[share])
+      self.assertGreater(records[-1]["time"]["monitor_seconds"], 0.0)
+    self.assertEqual(monitored, {0.0: [True, False, False, True], float("inf"): [True, True, True, True]})
+    # A resume measures the cost again: the first epoch it trains is monitored.
+    with mock.patch.object(train_lib.schedules, "MONITOR_TIME_SHARE", 0.0):
+      train_lib.run(testing.tiny_config(model_dir, epochs=7, final_eval=False), strategy, source=source)
+    self.assertEqual([r["knn_top1"] is not None for r in _read_metrics(model_dir)],
+                     [True, True, True, True, True, False, True])  # Epoch 5: the resume's first; 7: the last.
 
   def test_monitor_scores_a_fixed_subset_and_the_final_evaluation_all(self):
     model_dir = self.create_tempdir().full_path

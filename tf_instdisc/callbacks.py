@@ -36,10 +36,16 @@ def _embed_labelled(model: keras.Model, dataset: tf.data.Dataset) -> tuple[np.nd
 
 
 class KnnMonitor(keras.callbacks.Callback):
-  """Weighted kNN top-1/top-5 of a labelled eval set every `every_epochs` epochs (paper Sec. 3.4).
+  """Weighted kNN top-1/top-5 of a labelled eval set at most every `every_epochs` epochs (paper Sec. 3.4), within a
+  share of the fit's wall time.
 
   Keys: the memory bank (train_labels[i] is the label of instance i: cheap, the paper's monitor), or, with
   `train_data`, clean features of that labelled dataset recomputed through the current network (exact, slower).
+
+  As train.py's monitor (schedules.monitor_due): after the first due epoch of a fit and after its last epoch always,
+  after the other due epochs only while the monitor's time stays within `time_share` of the fit's wall time so far.
+  An epoch without it has no knn keys in its logs (CSVLogger writes NA; ModelCheckpoint(monitor="knn_top1") skips
+  it); time_share=None evaluates after every every_epochs-th epoch, and only then.
 
   Args:
     eval_data: batches of (images, labels) or {"image", "label"}, un-augmented.
@@ -48,13 +54,16 @@ class KnnMonitor(keras.callbacks.Callback):
     k: neighbours.
     temperature: the vote's tau.
     num_classes: C; by default 1 + the largest label seen.
-    every_epochs: run after every this many epochs (and never more often).
+    every_epochs: run after every this many epochs at most (and never more often).
     prefix: the logs' keys are prefix + "top1" / "top5".
+    time_share: the most of the fit's wall time its evaluations may take (train.py's
+      schedules.MONITOR_TIME_SHARE by default); None: no limit.
   """
 
   def __init__(self, eval_data: tf.data.Dataset, *, train_labels: np.ndarray | None = None,
                train_data: tf.data.Dataset | None = None, k: int = 200, temperature: float = 0.07,
-               num_classes: int | None = None, every_epochs: int = 1, prefix: str = "knn_"):
+               num_classes: int | None = None, every_epochs: int = 1, prefix: str = "knn_",
+               time_share: float | None = schedules.MONITOR_TIME_SHARE):
     super().__init__()
     if (train_labels is None) == (train_data is None):
       raise ValueError("KnnMonitor: give train_labels (keys: the memory bank) or train_data (keys: its clean "
@@ -62,10 +71,13 @@ class KnnMonitor(keras.callbacks.Callback):
     if k < 1 or temperature <= 0 or every_epochs < 1:
       raise ValueError(f"KnnMonitor: k >= 1, temperature > 0 and every_epochs >= 1 needed, got k={k}, "
                        f"temperature={temperature}, every_epochs={every_epochs}")
+    if time_share is not None and not time_share >= 0:
+      raise ValueError(f"KnnMonitor: time_share must be >= 0 (a fraction of the wall time) or None, got {time_share}")
     self.eval_data, self.train_data = eval_data, train_data
     self.train_labels = None if train_labels is None else np.asarray(train_labels, np.int64)
     self.k, self.temperature, self.num_classes = k, temperature, num_classes
-    self.every_epochs, self.prefix = every_epochs, prefix
+    self.every_epochs, self.prefix, self.time_share = every_epochs, prefix, time_share
+    self._started_at, self._seconds, self._last_seconds = time.time(), 0.0, None
 
   def evaluate(self) -> dict[str, float]:
     """{prefix + "top1": acc, prefix + "top5": acc} of the model now, in [0, 1]."""
@@ -84,9 +96,24 @@ class KnnMonitor(keras.callbacks.Callback):
                               num_classes=num_classes)
     return {f"{self.prefix}top1": scores["knn_top1"], f"{self.prefix}top5": scores["knn_top5"]}
 
+  def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+    self._started_at, self._seconds, self._last_seconds = time.time(), 0.0, None  # This fit's accounts.
+
   def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-    if (epoch + 1) % self.every_epochs == 0 and logs is not None:
+    if logs is None:
+      return
+    if self.time_share is None:
+      due = (epoch + 1) % self.every_epochs == 0
+    else:
+      due = schedules.monitor_due(
+          epoch, epochs=(self.params or {}).get("epochs") or 0, every=self.every_epochs,
+          monitor_seconds=self._seconds, last_monitor_seconds=self._last_seconds,
+          wall_seconds=time.time() - self._started_at, share=self.time_share)
+    if due:
+      start = time.time()
       logs.update(self.evaluate())
+      self._last_seconds = time.time() - start
+      self._seconds += self._last_seconds
 
 
 class Throughput(keras.callbacks.Callback):
