@@ -36,6 +36,8 @@ _RECIPE = flags.DEFINE_string("recipe", "fashion_mnist", "A shipped recipe or a 
 _EPOCHS = flags.DEFINE_integer("epochs", 12, "Epochs of both drivers.", lower_bound=1)
 _MAX_TRAIN = flags.DEFINE_integer("max_train_examples", 0, "Train on the first N images (0: all).", lower_bound=0)
 _OUTPUT = flags.DEFINE_string("output", "", "OUTPUT.json / OUTPUT.md (default ROOT/fit_vs_train).")
+_SCORE = flags.DEFINE_bool("score", True, "Score both runs (and the untrained network) with evaluate.py; false: "
+                           "times only (e.g. repeated short runs, interleaved, for the time ratio).")
 _DRIVER = flags.DEFINE_enum("driver", "", ["", "fit"], "Internal: run one driver in this process.")
 
 
@@ -130,6 +132,23 @@ def main(argv: list[str]) -> None:
          os.path.join(root, "fit.log"))
   with open(os.path.join(fit_dir, "fit_seconds.json")) as f:
     fit_seconds = json.load(f)["fit_seconds"]
+  report = {"recipe": _RECIPE.value, "epochs": _EPOCHS.value, "max_train_examples": _MAX_TRAIN.value, "cpu": cpu,
+            "bf16_units": bf16, "train_seconds": round(train_seconds, 1), "fit_seconds": round(fit_seconds, 1),
+            "fit_over_train_time": round(fit_seconds / train_seconds, 3)}
+  lines = [f"{_RECIPE.value}, {_EPOCHS.value} epochs, {cpu} ({', '.join(bf16) or 'no bf16 units'}): train.py "
+           f"steps {train_seconds:.0f} s, fit {fit_seconds:.0f} s ({fit_seconds / train_seconds:.2f}x)"]
+  if _SCORE.value:
+    lines += _score(root, fit_dir, report)
+  output = _OUTPUT.value or os.path.join(root, "fit_vs_train")
+  with open(output + ".json", "w") as f:
+    json.dump(report, f, indent=2)
+  with open(output + ".md", "w") as f:
+    f.write("\n".join(lines) + "\n")
+  print("\n".join(lines))
+
+
+def _score(root: str, fit_dir: str, report: dict) -> list[str]:
+  """Scores the runs into report["top1"]; returns the table's lines."""
   results = {"train": evaluate(os.path.join(root, "train")), "fit": evaluate(fit_dir),
              "untrained": evaluate(os.path.join(root, "train"), untrained=True)}
   table = {"train.py embedding": _scores(results["train"], "embedding"),
@@ -138,20 +157,10 @@ def main(argv: list[str]) -> None:
            "fit backbone": _scores(results["fit"], "backbone"),
            "untrained embedding": _scores(results["untrained"], "embedding"),
            "raw pixels": _scores(results["train"], "pixels")}
-  report = {"recipe": _RECIPE.value, "epochs": _EPOCHS.value, "max_train_examples": _MAX_TRAIN.value, "cpu": cpu,
-            "bf16_units": bf16, "train_seconds": round(train_seconds, 1), "fit_seconds": round(fit_seconds, 1),
-            "fit_over_train_time": round(fit_seconds / train_seconds, 3), "ks": KS, "top1": table}
-  output = _OUTPUT.value or os.path.join(root, "fit_vs_train")
-  with open(output + ".json", "w") as f:
-    json.dump(report, f, indent=2)
-  lines = [f"{_RECIPE.value}, {_EPOCHS.value} epochs, {cpu} ({', '.join(bf16) or 'no bf16 units'}): train.py "
-           f"steps {train_seconds:.0f} s, fit {fit_seconds:.0f} s ({fit_seconds / train_seconds:.2f}x)", "",
-           "| kNN top-1 (%) | " + " | ".join(f"k={k}" for k in KS) + " |", "|---" * (len(KS) + 1) + "|"]
-  lines += [f"| {name} | " + " | ".join("" if v is None else f"{v:.2f}" for v in values) + " |"
-            for name, values in table.items()]
-  with open(output + ".md", "w") as f:
-    f.write("\n".join(lines) + "\n")
-  print("\n".join(lines))
+  report.update(ks=KS, top1=table)
+  lines = ["", "| kNN top-1 (%) | " + " | ".join(f"k={k}" for k in KS) + " |", "|---" * (len(KS) + 1) + "|"]
+  return lines + [f"| {name} | " + " | ".join("" if v is None else f"{v:.2f}" for v in values) + " |"
+                  for name, values in table.items()]
 
 
 if __name__ == "__main__":
