@@ -355,6 +355,12 @@ class UnknownDatasetTest(tf.test.TestCase):
     with self.assertRaisesRegex(ValueError, "--dataset"):
       data.load_source(config_lib.DataConfig(dataset="no_such_dataset_xyz"))
 
+  def test_without_tensorflow_datasets_the_extra_is_named(self):
+    with mock.patch.dict("sys.modules", {"tensorflow_datasets": None}):
+      with self.assertRaisesRegex(ValueError, r"--dataset=cifar10 reads TFDS, which is not installed: pip install "
+                                  r"'tf-instdisc\[tfds\]'"):
+        data.load_source(config_lib.DataConfig(dataset="cifar10"))
+
 
 # ------------------------------------------------------------------------------------------------------------ folders
 class FolderTest(tf.test.TestCase, parameterized.TestCase):

@@ -260,8 +260,11 @@ def _load_fashion_mnist(directory: str) -> DataSource:
 
 def _load_tfds(name: str, data_dir: str, *, eval_split: str) -> DataSource:
   """Any TFDS image-classification dataset with "image" and "label" features (imagenet2012: manual dir)."""
-  import tensorflow_datasets as tfds  # Imported here: only this source needs it, and it is slow to import.
-
+  try:
+    import tensorflow_datasets as tfds  # Imported here: only this source needs it, and it is slow to import.
+  except ImportError as e:
+    raise ValueError(f"--dataset={name} reads TFDS, which is not installed: pip install 'tf-instdisc[tfds]' "
+                     f"({e})") from e
   try:
     builder = tfds.builder(name, data_dir=data_dir or None)
   except Exception as e:  # TFDS raises several types (DatasetNotFoundError, ...) for a bad name.
