@@ -33,6 +33,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from tf_instdisc import config as config_lib
 
 PRECISIONS = {"fp32": "off", "bf16": "bfloat16"}  # --precisions name -> ModelConfig.mixed_precision
+PEAK_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # --precisions name -> the matmul peak that rates it
+PEAK_WARMUP_CALLS = 3  # Untimed matmul calls (the first traces) before the timed repeats.
 NUM_DISTINCT_BATCHES = 8  # Pre-made batches the input pipeline cycles through.
 # Another run's figure, quoted in the task; never measured by this script.
 OFFICIAL_PYTORCH = {"images_per_sec": [51.0, 56.0], "arch": "resnet18_cifar", "batch_size": 128,
@@ -48,7 +50,8 @@ def input_note(shape: tuple[int, int, int]) -> str:
 
 # --quick replaces these defaults (flags given on the command line still win).
 QUICK_DEFAULTS = {"archs": ["convnet_small"], "bank_sizes": ["1000"], "batch_size": 32, "num_negatives": 256,
-                  "steps": 1, "repeats": 2, "warmup_steps": 1, "max_seconds": 10.0}
+                  "steps": 1, "repeats": 2, "warmup_steps": 1, "max_seconds": 10.0, "peak_matmul_size": 512,
+                  "peak_seconds": 0.5, "peak_repeats": 2}
 
 flags.DEFINE_bool("quick", False, f"CI smoke run: {QUICK_DEFAULTS} unless given explicitly.")
 flags.DEFINE_list("archs", ["resnet18_cifar"], f"Backbones, any of {', '.join(config_lib.ARCHS)}.")
@@ -71,6 +74,10 @@ flags.DEFINE_integer("steps", 10, "Timed steps per repeat (fewer when --max_seco
 flags.DEFINE_float("max_seconds", 30.0, "Time budget of one timed repeat: slow configs time fewer steps.")
 flags.DEFINE_integer("repeats", 3, "Timed repeats per configuration; the reported figure is their median.")
 flags.DEFINE_integer("warmup_steps", 2, "Untimed steps after the first (tracing) call; they also set the pace.")
+flags.DEFINE_integer("peak_matmul_size", 2048, "N of the N x N @ N x N matmul whose GFLOP/s, in float32 and bfloat16, "
+                     "is this machine's peak that each step is compared with.")
+flags.DEFINE_float("peak_seconds", 4.0, "Timed seconds of the peak matmul per precision (over --peak_repeats).")
+flags.DEFINE_integer("peak_repeats", 5, "Timed repeats of the peak matmul per precision; the peak is the best.")
 flags.DEFINE_string("output", "bench/results/train_step.json", "JSON results file (written after every config).")
 FLAGS = flags.FLAGS
 
@@ -114,11 +121,12 @@ def _parse_cases() -> list[Case]:
     return values
 
   bank_sizes = check_integers("bank_sizes")
-  for name in ("steps", "repeats", "warmup_steps"):
+  for name in ("steps", "repeats", "warmup_steps", "peak_matmul_size", "peak_repeats"):
     if FLAGS[name].value < 1:
       raise ValueError(f"--{name}: must be >= 1")
-  if FLAGS.max_seconds <= 0:
-    raise ValueError("--max_seconds: must be > 0")
+  for name in ("max_seconds", "peak_seconds"):
+    if FLAGS[name].value <= 0:
+      raise ValueError(f"--{name}: must be > 0")
   grids = check_integers("pool_grids")
   image_shape()
   return [Case(a, p, n, o, g) for a in archs for g in grids for p in precisions for n in bank_sizes
@@ -178,6 +186,41 @@ def _read(path: str) -> str:
       return f.read()
   except OSError:
     return ""
+
+
+def measure_peak() -> dict[str, Any]:
+  """GFLOP/s (2 N^3 / seconds) of an N x N @ N x N tf.linalg.matmul in a tf.function, in float32 and bfloat16.
+
+  Run in this process before the steps, so in the same TensorFlow thread pools (intra-op and inter-op settings
+  are recorded): PEAK_WARMUP_CALLS untimed calls, then --peak_repeats repeats of as many calls as fill
+  --peak_seconds / --peak_repeats; the peak is the best repeat (the one least disturbed by other processes).
+  """
+  import tensorflow as tf
+
+  size = FLAGS.peak_matmul_size
+  flop = 2 * size**3
+  matmul = tf.function(tf.linalg.matmul)
+  peak = {"matmul": f"{size}x{size} @ {size}x{size}", "flop_per_call": flop, "repeats": FLAGS.peak_repeats,
+          "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
+          "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
+          "gflops": {}, "gflops_median": {}, "gflops_per_repeat": {}, "calls_per_repeat": {}}
+  for dtype in PEAK_DTYPES.values():
+    rng = tf.random.Generator.from_seed(0)
+    a, b = (tf.cast(rng.normal([size, size]), dtype) for _ in range(2))
+    for _ in range(PEAK_WARMUP_CALLS):
+      start = time.perf_counter()
+      float(matmul(a, b)[0, 0])  # Reading an element waits for the product.
+    calls = max(1, int(FLAGS.peak_seconds / FLAGS.peak_repeats / (time.perf_counter() - start)))
+    rates = []
+    for _ in range(FLAGS.peak_repeats):
+      start = time.perf_counter()
+      for _ in range(calls):
+        product = matmul(a, b)
+      float(product[0, 0])
+      rates.append(flop * calls / (time.perf_counter() - start) / 1e9)
+    peak["gflops"][dtype], peak["gflops_median"][dtype] = max(rates), statistics.median(rates)
+    peak["gflops_per_repeat"][dtype], peak["calls_per_repeat"][dtype] = rates, calls
+  return peak
 
 
 def make_synthetic_dataset(batch_size: int, num_instances: int, *, seed: int = 0):
@@ -290,11 +333,19 @@ def measure(full: Runner, encoder: Runner) -> dict[str, Any]:
 def run_case(case: Case, strategy, encoder: Runner) -> dict[str, Any]:
   import gc
 
+  from tf_instdisc import flops as flops_lib
+
   start = time.perf_counter()
   full = build_runner(make_config(case), strategy, num_instances=case.bank_size, encoder_only=False)
   build_seconds = time.perf_counter() - start
+  count = flops_lib.train_step_flops(full.state.model)
   warmup_seconds = full.warm_up()
   result = {"build_seconds": build_seconds, "warmup_seconds": warmup_seconds, **measure(full, encoder)}
+  # FLOPs per image (tf_instdisc/flops.py's convention) x images/s; write_json divides by the peak.
+  result["flops_per_image"] = count.as_dict()
+  result["gflops"] = count.total * result["images_per_sec"] / 1e9
+  # The encoder-only step runs backbone and head forward and backward: the count's network part.
+  result["encoder_gflops"] = count.network * result["encoder_images_per_sec"] / 1e9
   result["rss_gib"] = _rss_gib()
   # Not keras.backend.clear_session(): it clears TF's kernel cache, which would slow the encoder's next repeats.
   del full
@@ -321,17 +372,27 @@ def official_ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def markdown(report: dict[str, Any]) -> str:
   lines = [("| arch | precision | objective | bank rows | full step img/s (min-max) | encoder-only img/s | "
-            "head+bank share | steps x repeats |"), "|---|---|---|--:|--:|--:|--:|--:|"]
+            "head+bank share | steps x repeats | MFLOP/img | GFLOP/s | peak fraction |"),
+           "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
   for r in report["results"]:
     grid = r.get("pool_grid", 1)
     arch = r["arch"] if grid == 1 else f"{r['arch']}, pool grid {grid}"
     head = f"| {arch} | {r['precision']} | {r['objective']} | {r['bank_size']:,} |"
     if "error" in r:
-      lines.append(f"{head} error: {r['error'][:80]} | | | |")
+      lines.append(f"{head} error: {r['error'][:80]} | | | | | | |")
       continue
     low, high = r["images_per_sec_min_max"]
     lines.append(f"{head} {r['images_per_sec']:.1f} ({low:.1f}-{high:.1f}) | {r['encoder_images_per_sec']:.1f} | "
-                 f"{100 * r['head_bank_share']:.1f}% | {r['steps_per_repeat']} x {r['repeats']} |")
+                 f"{100 * r['head_bank_share']:.1f}% | {r['steps_per_repeat']} x {r['repeats']} | "
+                 f"{r['flops_per_image']['total'] / 1e6:.1f} | {r['gflops']:.1f} | {100 * r['peak_fraction']:.1f}% |")
+  before, after = report["peak"]["before_steps"], report["peak"].get("after_steps")
+  for precision, dtype in PEAK_DTYPES.items():
+    lines.append(f"| peak: matmul {before['matmul']} | {precision} | | | | | | {before['calls_per_repeat'][dtype]} x "
+                 f"{before['repeats']} | | {report['peak_gflops'][dtype]:.1f} | 100% |")
+  measured = "; ".join(
+      f"{when} the steps, best (median) of {peak['repeats']} repeats: " + ", ".join(
+          f"{dtype} {peak['gflops'][dtype]:.1f} ({peak['gflops_median'][dtype]:.1f})" for dtype in peak["gflops"])
+      for when, peak in (("before", before), ("after", after)) if peak)
   settings, machine = report["settings"], report["machine"]
   lines += [
       "",
@@ -341,6 +402,10 @@ def markdown(report: dict[str, Any]) -> str:
       f"Input: {report['input']}.",
       ("head+bank share = 1 - t(encoder-only step) / t(full step): objective (logits, loss, parametric "
        "classifier and its update) plus bank reads and write."),
+      (f"GFLOP/s = FLOPs per image x full-step img/s; peak fraction = GFLOP/s / the matmul peak at the row's "
+       f"precision (fp32: float32, bf16: bfloat16), the best GFLOP/s of a tf.function matmul {before['matmul']} "
+       f"measured in this process ({measured} GFLOP/s)."),
+      f"FLOPs per image (MFLOP/img): {report['flops_convention']} (tf_instdisc/flops.py).",
       (f"Machine: {machine['cpu_count']} CPUs ({machine['cpu_model']}), TF {machine['tensorflow']}, "
        f"load average {machine['load_average_at_start'][0]:.2f} at start, "
        f"{report['load_average_at_end'][0]:.2f} at end; {machine['date']}."),
@@ -360,6 +425,10 @@ def write_json(path: str, report: dict[str, Any]) -> dict[str, Any]:
   """Atomically, so a long run stopped midway leaves the configs measured so far."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   report = {**report, "load_average_at_end": list(os.getloadavg())}
+  for row in report["results"]:
+    if "gflops" in row:  # Against the matmul peak at the row's precision (the best measured so far).
+      peak = report["peak_gflops"][PEAK_DTYPES[row["precision"]]]
+      row["peak_fraction"], row["encoder_peak_fraction"] = row["gflops"] / peak, row["encoder_gflops"] / peak
   report["official_pytorch_reference"] = {**OFFICIAL_PYTORCH, "ratios": official_ratios(report["results"])}
   with open(path + ".tmp", "w") as f:
     json.dump(report, f, indent=1)
@@ -388,8 +457,9 @@ def run_all(cases: list[Case], report: dict[str, Any]) -> int:
     logging.info("measuring %s", case)
     try:
       row.update(run_case(case, strategy, encoders[key]))
-      logging.info("%s: %.1f img/s, encoder-only %.1f img/s, head+bank share %.1f%%", case,
-                   row["images_per_sec"], row["encoder_images_per_sec"], 100 * row["head_bank_share"])
+      logging.info("%s: %.1f img/s, encoder-only %.1f img/s, head+bank share %.1f%%, %.1f GFLOP/s = %.1f%% of "
+                   "peak", case, row["images_per_sec"], row["encoder_images_per_sec"], 100 * row["head_bank_share"],
+                   row["gflops"], 100 * row["gflops"] / report["peak_gflops"][PEAK_DTYPES[case.precision]])
     except Exception as e:  # noqa: BLE001 - one failed config (e.g. out of memory) must not lose the others.
       errors += 1
       row["error"] = f"{type(e).__name__}: {e}"
@@ -414,11 +484,24 @@ def main(argv: list[str]) -> int:
   settings = {name: FLAGS[name].value for name in
               ("quick", "archs", "objectives", "precisions", "batch_size", "width_multiplier", "pool_grids",
                "image_shape", "num_negatives", "negative_sampling", "xla_encoder", "steps", "max_seconds", "repeats",
-               "warmup_steps")}
+               "warmup_steps", "peak_matmul_size", "peak_seconds", "peak_repeats")}
   settings.update(bank_sizes=sorted({case.bank_size for case in cases}), strategy="one_device")
   report = {"benchmark": "train_step", "machine": machine_facts(), "settings": settings,
             "input": input_note(image_shape()), "results": []}
+  from absl import logging
+
+  from tf_instdisc import flops as flops_lib
+
+  # The peak is measured before and after the steps; the best of both rates every row (write_json).
+  report["peak"] = {"before_steps": measure_peak()}
+  report["peak_gflops"] = dict(report["peak"]["before_steps"]["gflops"])
+  report["flops_convention"] = flops_lib.CONVENTION
+  logging.info("matmul %s peak: %s GFLOP/s", report["peak"]["before_steps"]["matmul"],
+               ", ".join(f"{k} {v:.1f}" for k, v in report["peak_gflops"].items()))
   errors = run_all(cases, report)
+  report["peak"]["after_steps"] = measure_peak()
+  report["peak_gflops"] = {dtype: max(measured["gflops"][dtype] for measured in report["peak"].values())
+                           for dtype in PEAK_DTYPES.values()}
   print(markdown(write_json(FLAGS.output, report)))
   print(f"\nResults: {FLAGS.output}")
   return 1 if errors else 0
