@@ -26,14 +26,13 @@ STARTUP_NOISE = re.compile("|".join((
     r"Local rendezvous is aborting with status: OUT_OF_RANGE")))
 
 
-def describe_command(doc: str, module_name: str) -> None:
-  """Makes --help show this command's description and flags, whether it runs as the console script, a checkout's
-  script or `python -m`: absl prints the main module's docstring and the flags it finds under sys.argv[0]."""
-  from absl import flags
-
+def describe_command(doc: str, module_name: str, flag_values) -> None:
+  """Makes --help show this command's description and flags (`flag_values`: absl's FLAGS, which the command
+  module owns), whether it runs as the console script, a checkout's script or `python -m`: absl prints the main
+  module's docstring and the flags it finds under sys.argv[0]."""
   sys.modules["__main__"].__doc__ = doc
-  for flag in flags.FLAGS.get_key_flags_for_module(module_name):
-    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+  for flag in flag_values.get_key_flags_for_module(module_name):
+    flag_values.register_key_flag_for_module(sys.argv[0], flag)
 
 
 def expand_recipe(argv: Sequence[str]) -> list[str]:

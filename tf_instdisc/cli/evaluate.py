@@ -119,7 +119,7 @@ def main(argv: list[str]) -> int:
 
 def run() -> None:
   """The `instdisc-evaluate` command."""
-  cli.describe_command(__doc__, __name__)
+  cli.describe_command(__doc__, __name__, flags.FLAGS)
   app.run(main)
 
 

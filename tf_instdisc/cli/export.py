@@ -80,7 +80,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
   """The `instdisc-export` command."""
-  cli.describe_command(__doc__, __name__)
+  cli.describe_command(__doc__, __name__, flags.FLAGS)
   app.run(main)
 
 

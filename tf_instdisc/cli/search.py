@@ -40,7 +40,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
   """The `instdisc-search` command."""
-  cli.describe_command(__doc__, __name__)
+  cli.describe_command(__doc__, __name__, flags.FLAGS)
   app.run(main)
 
 

@@ -112,7 +112,9 @@ _HELP = {
     "tpu": "--strategy=tpu: local (on a TPU VM), a Cloud TPU name or a grpc://host:port address.",
     "knn_k": "Neighbours of the weighted kNN.",
     "knn_temperature": "Temperature of the kNN vote weights exp(s / t).",
-    "eval_every_epochs": "kNN against the memory bank every N epochs (0 = never).",
+    "eval_every_epochs": "kNN against the memory bank at most every N epochs (0 = never): always after the first "
+                         "such epoch (to measure its cost) and the last one, otherwise only while its time stays "
+                         "within 5% of the run's wall time so far; epochs without it record no kNN.",
     "final_eval": "After training, kNN against clean recomputed train features.",
     "eval_batch_size": "Batch size of evaluation passes.",
     "monitor_examples": "The per-epoch kNN monitor scores the first N eval images (0 = all); the final "
@@ -223,7 +225,7 @@ def main(argv: list[str]) -> int:
 
 def run() -> None:
   """The `instdisc-train` command: --recipe=NAME expanded, then absl's app.run(main)."""
-  cli.describe_command(__doc__, __name__)
+  cli.describe_command(__doc__, __name__, flags.FLAGS)
   try:
     sys.argv = [sys.argv[0], *cli.expand_recipe(sys.argv[1:])]
   except ValueError as e:
