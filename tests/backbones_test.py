@@ -13,6 +13,7 @@ import tensorflow as tf
 from absl.testing import parameterized
 
 from tf_instdisc import backbones
+from tf_instdisc import batchnorm
 from tf_instdisc import config as config_lib
 
 INPUT_SHAPE = (32, 32, 3)
@@ -76,6 +77,15 @@ class BackbonesTest(tf.test.TestCase, parameterized.TestCase):
     layer = self.models["convnet_small"].get_layer("standardize")
     self.assertAllClose(layer(np.full([1, 2, 2, 3], 127.5, np.float32)), np.zeros([1, 2, 2, 3]), atol=1e-6)
     self.assertAllClose(layer(np.full([1, 2, 2, 3], 255.0, np.float32)), np.full([1, 2, 2, 3], 127.5 / 64.0))
+
+  @parameterized.named_parameters((arch, arch) for arch in FEATURE_DIMS)
+  def test_every_batchnorm_is_the_fused_layer(self, arch):
+    norms = [layer for layer in self.models[arch].layers if isinstance(layer, keras.layers.BatchNormalization)]
+    self.assertNotEmpty(norms)
+    self.assertEqual({type(layer) for layer in norms}, {batchnorm.BatchNormalization})
+    self.assertTrue(all(layer.name.endswith("_bn") for layer in norms))  # The names of Keras' layer before it.
+    synced = backbones.build_backbone("convnet_small", INPUT_SHAPE, sync_batchnorm=True)
+    self.assertTrue(all(layer.synchronized for layer in synced.layers if hasattr(layer, "synchronized")))
 
   def test_unknown_arch_names_the_flag(self):
     with self.assertRaisesRegex(ValueError, "--arch.*'resnet34'"):

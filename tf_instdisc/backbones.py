@@ -2,7 +2,8 @@
 
 ResNet-18/50 follow He et al. 2016 (v1.5: stride on the 3x3 conv); `resnet18_cifar` swaps the 7x7/2 stem and
 max-pool for one 3x3/1 conv, as the official NPID CIFAR code; `convnet_small` is a fast VGG-style net for CPU runs
-on small images. Every builder takes a Keras dtype policy, so mixed precision needs no global state.
+on small images. Every builder takes a Keras dtype policy, so mixed precision needs no global state. Their batch
+norm is `batchnorm.BatchNormalization`: Keras' layer (same variables, checkpoints, saved form) in one fused op.
 
 `keras.<Name>` is any keras.applications model (keras.ResNet50, keras.MobileNetV3Small, keras.EfficientNetB0, ...),
 untrained (weights=None), without its top, global-average-pooled, behind the same fixed input standardisation as
@@ -25,6 +26,7 @@ from typing import Any, Callable, Iterator, Sequence
 import keras
 from keras import layers
 
+from tf_instdisc import batchnorm
 from tf_instdisc import config as config_lib
 
 _WIDTHS = (64, 128, 256, 512)
@@ -64,8 +66,9 @@ def _conv(filters: int, kernel: int, stride: int, build: _Build, name: str) -> l
 
 
 def _bn(build: _Build, name: str) -> layers.Layer:
-  return layers.BatchNormalization(momentum=_BN_MOMENTUM, epsilon=1e-5, dtype=build.policy, name=name,
-                                   synchronized=build.sync_batchnorm)
+  # Keras' BatchNormalization computed by one fused op where that computes the same (tf_instdisc/batchnorm.py).
+  return batchnorm.BatchNormalization(momentum=_BN_MOMENTUM, epsilon=1e-5, dtype=build.policy, name=name,
+                                      synchronized=build.sync_batchnorm)
 
 
 def _conv_bn(x, filters: int, kernel: int, stride: int, build: _Build, name: str, relu: bool = True):
