@@ -1,4 +1,5 @@
-"""Backbones: output shapes for every BUILDERS key, parameter counts against torchvision, dtype policies, errors;
+"""Backbones: output shapes for every BUILDERS key, parameter counts against torchvision, fused batch norm, the grid
+pool (skipped where the map is already the grid), dtype policies, errors;
 keras.applications models (--arch=keras.<Name>): shapes, policy, synchronized BN, seeding, names, refusals."""
 
 from tests import testing  # First: splits the CPU before TensorFlow starts.
@@ -157,6 +158,26 @@ class PoolGridTest(tf.test.TestCase, parameterized.TestCase):
     model = backbones.build_backbone("convnet_small", (None, None, 1), pool_grid=2, width_multiplier=0.5)
     for side in (28, 40):
       self.assertEqual(model(np.zeros((1, side, side, 1), np.float32)).shape, (1, 4 * 128))
+
+  def test_a_map_already_on_the_grid_is_not_pooled(self):
+    # convnet_small's last stage at 28 x 28 is 4 x 4: --pool_grid=4 is the map itself, flattened. The fixed size
+    # skips the pooling (an Identity named "pool_grid"); a free size keeps the adaptive pool (any map -> 4 x 4).
+    fixed = backbones.build_backbone("convnet_small", (28, 28, 1), seed=5, width_multiplier=0.5, pool_grid=4)
+    free = backbones.build_backbone("convnet_small", (None, None, 1), seed=5, width_multiplier=0.5, pool_grid=4)
+    self.assertIsInstance(fixed.get_layer("pool_grid"), keras.layers.Identity)
+    self.assertIsInstance(free.get_layer("pool_grid"), keras.layers.AdaptiveAveragePooling2D)
+    self.assertEqual([layer.name for layer in fixed.layers], [layer.name for layer in free.layers])
+    self.assertEqual(fixed.layers[-1].name, "pool")
+    for a, b in zip(fixed.weights, free.weights, strict=True):
+      self.assertAllEqual(a.numpy(), b.numpy())
+    images = np.random.default_rng(3).uniform(0, 255, (3, 28, 28, 1)).astype(np.float32)
+    last = keras.Model(fixed.inputs, fixed.get_layer("conv4_1_relu").output)(images).numpy()
+    self.assertEqual(last.shape, (3, 4, 4, 128))
+    self.assertAllClose(fixed(images).numpy(), last.reshape(3, -1), atol=1e-6)
+    self.assertAllClose(fixed(images).numpy(), free(images).numpy(), atol=1e-5)
+    self.assertEqual(free(np.zeros((1, 40, 40, 1), np.float32)).shape, (1, 16 * 128))  # A 5 x 5 map, pooled.
+    coarser = backbones.build_backbone("convnet_small", (28, 28, 1), width_multiplier=0.5, pool_grid=2)
+    self.assertIsInstance(coarser.get_layer("pool_grid"), keras.layers.AdaptiveAveragePooling2D)
 
   def test_refusals_name_the_flag(self):
     with self.assertRaisesRegex(ValueError, "--pool_grid: must be >= 1 .*got 0"):

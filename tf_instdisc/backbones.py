@@ -108,11 +108,16 @@ def _pool(x, build: _Build):
   """The backbone's output: the last stage's mean over space (pool_grid 1), or over each cell of a G x G grid,
   flattened in (row, column, channel) order (G x G x channels features: where on the image a pattern lies stays
   in them). The grid's cells are adaptive (any input size gives G x G cells), so a backbone saved with its spatial
-  size left free still pools to the same G x G; the last layer is named "pool" either way."""
+  size left free still pools to the same G x G; the last layer is named "pool" either way. A fixed input size whose
+  last stage is already G x G (convnet_small at 28 x 28, G = 4) has nothing to average: "pool_grid" is then an
+  Identity (the same layer names, the same features, no pooling work in the step)."""
   if build.pool_grid == 1:
     return layers.GlobalAveragePooling2D(dtype=build.policy, name="pool")(x)
   grid = (build.pool_grid, build.pool_grid)
-  x = layers.AdaptiveAveragePooling2D(grid, dtype=build.policy, name="pool_grid")(x)
+  if tuple(x.shape[1:3]) == grid:
+    x = layers.Identity(dtype=build.policy, name="pool_grid")(x)
+  else:
+    x = layers.AdaptiveAveragePooling2D(grid, dtype=build.policy, name="pool_grid")(x)
   return layers.Flatten(dtype=build.policy, name="pool")(x)
 
 
