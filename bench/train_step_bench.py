@@ -7,7 +7,9 @@ Each configuration (arch x precision x bank rows x objective) runs the library's
 InstanceDiscrimination.train_step in make_train_loop under a one-device strategy, fed synthetic batches (input cost
 ~0). Beside it, in the same process and interleaved repeat by repeat, runs an encoder-only step: the same
 model and SGD with a trivial loss (mean of the embedding) and no bank. The head+bank share is
-1 - t(encoder-only) / t(full step).
+1 - t(encoder-only) / t(full step). Each step's FLOPs per image (tf_instdisc/flops.py) times its images/s gives its
+GFLOP/s, compared with this machine's peak: the GFLOP/s of a large tf.function matmul in float32 and bfloat16,
+measured in the same process before and after the steps.
 TensorFlow is imported inside the functions that use it, after the flags are checked (as train.py does), so a bad
 flag is answered at once. bench/README.md says what is printed and how to read it.
 """
