@@ -40,12 +40,20 @@ def _fashion_images(n: int) -> np.ndarray:
   return data_lib.read_idx(os.path.join(testing.FASHION_MNIST_DIR, "t10k-images-idx3-ubyte.gz"))[:n, ..., None]
 
 
-# Run in a clean process (no tf_instdisc importable): load backbone.keras with Keras alone, compute the pooled
-# features and the stage outputs of the test images, and the stage shapes for a larger image.
+# Run in a clean process where tf_instdisc cannot be imported (a finder refuses it: the package may be installed,
+# e.g. editable, as CI does): load backbone.keras with Keras alone, compute the pooled features and the stage outputs
+# of the test images, and the stage shapes for a larger image.
 _LOAD_WITH_KERAS_ONLY = """
-import importlib.util, json, sys
+import json, sys
+
+class _NoProject:
+  def find_spec(self, name, path=None, target=None):
+    if name == "tf_instdisc" or name.startswith("tf_instdisc."):
+      raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+sys.meta_path.insert(0, _NoProject())
 import keras, numpy as np
-assert importlib.util.find_spec("tf_instdisc") is None, "tf_instdisc is importable"
+assert not [m for m in sys.modules if m.startswith("tf_instdisc")]
 export_dir, out = sys.argv[1], sys.argv[2]
 info = json.load(open(f"{export_dir}/backbone/backbone.json"))
 backbone = keras.saving.load_model(f"{export_dir}/backbone/backbone.keras")
@@ -55,6 +63,7 @@ images = np.load(f"{out}/images.npy")
 for i, array in enumerate(taps.predict(images, verbose=0)):
   np.save(f"{out}/out{i}.npy", array)
 large = taps.predict(np.zeros([1, 64, 48, images.shape[-1]], np.float32), verbose=0)
+assert not [m for m in sys.modules if m.startswith("tf_instdisc")], "loading imported tf_instdisc"
 json.dump({"large_shapes": [list(a.shape) for a in large], "layers": sorted({type(l).__module__ for l in
            backbone.layers}), "synchronized": [l.synchronized for l in backbone.layers if hasattr(l, "synchronized")]},
           open(f"{out}/facts.json", "w"))
