@@ -7,9 +7,10 @@ num_instances, input_shape)` and `tf_instdisc.training_dataset(images, recipe)`;
 `tf_instdisc.NeighbourSearch`, and `tf_instdisc.export_model(model, images, export_dir)`; these load TensorFlow on
 first use.
 
-Modules (one concept each): instance_discrimination (the method), callbacks, config, data, augment, backbones,
-model, memory_bank, objectives, distribute, schedules, checkpointing, knn, train_lib, export, index, artifact,
-search; for evaluation features, linear_probe, finetune, evaluation, results, ablation, tsne, plots. Import modules
+Modules (one concept each): instance_discrimination (the method), recipes (the shipped flagfiles as configs), cli
+(the commands), callbacks, config, data, augment, backbones, batchnorm, precision, model, memory_bank, objectives,
+distribute, schedules, checkpointing, knn, train_lib, export, index, artifact, search, flops; for evaluation
+features, linear_probe, finetune, evaluation, results, ablation, tsne, plots. Import modules
 directly, e.g. `from tf_instdisc import train_lib`; this package file imports nothing at import time.
 """
 
