@@ -1,7 +1,8 @@
 """Run configuration: frozen dataclass sections and their validation.
 
-Every field name is also the name of one `train.py` flag (docs/design.md); `train.config_from_flags()` is the only
-place where the two meet. Durations are in epochs here; `train_lib.run` converts them to steps once, because
+Every field name is also the name of one `train.py` flag (docs/design.md): `config_from_flags()` in
+tf_instdisc/cli/train.py builds a config from the parsed flags, and tf_instdisc.recipes from a flagfile's text for
+the library (tests/recipes_test.py: the same config for every shipped recipe). Durations are in epochs here; `train_lib.run` converts them to steps once, because
 only it knows the dataset size.
 """
 
