@@ -2,8 +2,8 @@
 
 Every field name is also the name of one `train.py` flag (docs/design.md): `config_from_flags()` in
 tf_instdisc/cli/train.py builds a config from the parsed flags, and tf_instdisc.recipes from a flagfile's text for
-the library (tests/recipes_test.py: the same config for every shipped recipe). Durations are in epochs here; `train_lib.run` converts them to steps once, because
-only it knows the dataset size.
+the library (tests/recipes_test.py: the same config for every shipped recipe). Durations are in epochs here;
+`train_lib.run` converts them to steps once, because only it knows the dataset size.
 """
 
 from __future__ import annotations
