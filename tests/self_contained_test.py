@@ -8,6 +8,8 @@ runfiles tree) the scan of tracked files is skipped; the LICENSE and CITATION.cf
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import re
 import subprocess
 import unittest
@@ -101,12 +103,17 @@ class SelfContainedTest(unittest.TestCase):
   def test_detector_finds_outside_references(self):
     name = "DES" + "IGN.md"
     shared = "/".join(("..", "shared", "notes.txt"))
-    found = outside_references(REPO_ROOT, "docs/x.md", f"ok line\nsee {name}\nsee {shared}\n[r](../README.md#a)\n")
+    # A small tree of its own: under Bazel the runfiles hold links, not the repository's files.
+    root = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, root)
+    os.makedirs(os.path.join(root, "docs"))
+    open(os.path.join(root, "README.md"), "w").close()
+    found = outside_references(root, "docs/x.md", f"ok line\nsee {name}\nsee {shared}\n[r](../README.md#a)\n")
     self.assertEqual(len(found), 3, found)
     self.assertTrue(found[0].startswith("docs/x.md:2:"), found)
     self.assertTrue(all(item.startswith("docs/x.md:3:") for item in found[1:]), found)
-    self.assertEqual(outside_references(REPO_ROOT, "docs/x.md", "docs/design.md, [r](../README.md#layout).\n"), [])
-    self.assertEqual(len(outside_references(REPO_ROOT, "README.md", "see " + ".." + "/elsewhere/file.txt\n")), 1)
+    self.assertEqual(outside_references(root, "docs/x.md", "docs/design.md, [r](../README.md#layout).\n"), [])
+    self.assertEqual(len(outside_references(root, "README.md", "see " + ".." + "/elsewhere/file.txt\n")), 1)
 
   def test_license_is_apache_2(self):
     path = os.path.join(REPO_ROOT, "LICENSE")
